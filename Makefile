@@ -1,0 +1,27 @@
+# The two commands of the README: `make reproduce` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test lint reproduce clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/pytest
+
+reproduce: setup
+	$(BIN)/python -m mmsoup reproduce --profile embedded
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,197 @@
+"""Read, write, stream and validate state dicts (ingredients of a soup).
+
+Formats: `.safetensors` (memory-mapped) and `.pt`/`.pth`/`.bin` pickles, read only through
+`torch.load(..., weights_only=True)` so that a checkpoint can never run code. The 72 released CLIP
+checkpoints (PAPER_NOTES §4) are pickled state dicts of the Soups wrapper (`model.*` +
+`classification_head.*`) and load as they are.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import pickle
+import platform
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mmsoup.errors import MMSoupError
+from mmsoup.io import atomic_path, write_json
+
+StateDict = Mapping[str, torch.Tensor]
+Ingredient = Union[StateDict, str, os.PathLike]  # noqa: UP007 (a runtime alias)
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Return the state dict inside a loaded checkpoint object (plain, or under 'state_dict')."""
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise MMSoupError(
+            f"{path} does not hold a state dict (a mapping of names to tensors); save model.state_dict() instead."
+        )
+    return dict(obj)
+
+
+def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Load the state dict of a `.safetensors` or `.pt`/`.pth` file (weights only, memory-mapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MMSoupError(f"Checkpoint {path} does not exist; check the path.")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            return load_file(path) if mmap else {k: v.clone() for k, v in load_file(path).items()}
+        if suffix in PICKLE_SUFFIXES:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if mmap and "mmap" in str(e):  # legacy (non-zip) pickles cannot be memory-mapped
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
+                else:
+                    raise
+            return _unwrap(obj, path)
+    except pickle.UnpicklingError as e:
+        raise MMSoupError(
+            f"{path} is refused: it is a pickle that would run code or build objects other than tensors "
+            "(only weights_only=True loading is allowed); re-save it as a plain state dict or .safetensors."
+        ) from e
+    except (SafetensorError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as e:
+        raise MMSoupError(
+            f"{path} is truncated or corrupt ({type(e).__name__}); re-download or re-save it."
+        ) from e
+    raise MMSoupError(
+        f"{path} has an unsupported suffix {suffix!r}; use .safetensors, .pt or .pth."
+    )
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """A provenance record: time, host, library versions, plus any `extra` fields."""
+    import mmsoup
+
+    return {
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "versions": library_versions(),
+        "mmsoup": mmsoup.__version__,
+        **extra,
+    }
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide a result (recorded next to every output)."""
+    import nevergrad
+    import numpy
+    import open_clip
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "nevergrad": nevergrad.__version__,
+        "open_clip": open_clip.__version__,
+    }
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON sidecar of a checkpoint: same name, `.json` suffix."""
+    return Path(path).with_suffix(".json")
+
+
+def save_state_dict(
+    state: StateDict, path: str | os.PathLike, meta: Mapping[str, Any] | None = None
+) -> Path:
+    """Write `state` as `.safetensors` plus a JSON sidecar with provenance, both atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise MMSoupError(
+            f"{path} must end in .safetensors; mmsoup writes checkpoints only in that format."
+        )
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp)
+    write_json(sidecar_path(path), provenance(**(meta or {})))
+    return path
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON sidecar of a checkpoint, or {} when it has none."""
+    side = sidecar_path(path)
+    return json.loads(side.read_text()) if side.is_file() else {}
+
+
+def ingredient_name(ingredient: Ingredient, index: int) -> str:
+    """A human name for an ingredient: its file name, or `ingredient[i]` for an in-memory dict."""
+    return (
+        Path(ingredient).name
+        if isinstance(ingredient, str | os.PathLike)
+        else f"ingredient[{index}]"
+    )
+
+
+def open_ingredient(ingredient: Ingredient) -> StateDict:
+    """The state dict of an ingredient: as given if in memory, else loaded lazily (memory-mapped)."""
+    if isinstance(ingredient, Mapping):
+        return ingredient
+    return load_state_dict(ingredient)
+
+
+def iter_ingredients(ingredients: Sequence[Ingredient]) -> Iterator[tuple[int, StateDict]]:
+    """Yield (index, state dict) one at a time, so at most one streamed ingredient is held."""
+    for i, ingredient in enumerate(ingredients):
+        yield i, open_ingredient(ingredient)
+
+
+def validate_pool(
+    ingredients: Sequence[Ingredient], check_finite: bool = True
+) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Check that all ingredients share keys, shapes and floating dtypes and hold finite values.
+
+    Returns the reference spec {key: (shape, dtype)}; raises MMSoupError naming the file and key.
+    """
+    if len(ingredients) == 0:
+        raise MMSoupError("The ingredient list is empty; pass at least one checkpoint.")
+    spec: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    first = ingredient_name(ingredients[0], 0)
+    for i, state in iter_ingredients(ingredients):
+        name = ingredient_name(ingredients[i], i)
+        if i == 0:
+            spec = {k: (v.shape, v.dtype) for k, v in state.items()}
+            if not spec:
+                raise MMSoupError(f"{name} holds no tensors; pass a non-empty state dict.")
+        else:
+            missing, extra = spec.keys() - state.keys(), state.keys() - spec.keys()
+            if missing or extra:
+                key = sorted(missing or extra)[0]
+                what = "lacks" if missing else "has the extra"
+                raise MMSoupError(
+                    f"{name} {what} key {key!r} ({len(missing)} missing, {len(extra)} extra vs {first}); "
+                    "all ingredients must be fine-tuned from the same architecture."
+                )
+        for key, tensor in state.items():
+            shape, dtype = spec[key]
+            if tensor.shape != shape:
+                raise MMSoupError(
+                    f"{name}: {key!r} has shape {tuple(tensor.shape)} but {first} has {tuple(shape)}; the checkpoints are of different architectures."
+                )
+            if not tensor.is_floating_point():
+                raise MMSoupError(
+                    f"{name}: {key!r} has non-floating dtype {tensor.dtype}; soups average floating-point weights only (drop integer buffers)."
+                )
+            if tensor.dtype != dtype:
+                raise MMSoupError(
+                    f"{name}: {key!r} has dtype {tensor.dtype} but {first} has {dtype}; convert all checkpoints to one dtype."
+                )
+            if check_finite and not torch.isfinite(tensor).all():
+                raise MMSoupError(
+                    f"{name}: {key!r} holds NaN or Inf values; that fine-tuning run diverged, leave it out of the pool."
+                )
+    return spec
