@@ -1,0 +1,127 @@
+"""Headless reproduction: execute the numbered notebooks 01 -> 05 with papermill into one run folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmsoup.errors import MMSoupError
+
+PIPELINE = (
+    "01_finetune_sweep",
+    "02_soups",
+    "03_ood_evaluation",
+    "04_figure2",
+    "05_table1",
+)
+INTERACTIVE = ("06_lambda_explorer",)
+KERNEL = "python3"  # the venv's own ipykernel (jupyter_client maps "python" to sys.executable)
+
+
+def notebooks_dir() -> Path:
+    """The folder of the numbered notebooks (in the source tree)."""
+    here = Path(
+        os.environ.get("MMSOUP_NOTEBOOKS", Path(__file__).resolve().parents[1] / "notebooks")
+    )
+    if not (here / f"{PIPELINE[0]}.ipynb").is_file():
+        raise MMSoupError(
+            f"The notebooks are not in {here}; run from a clone of the repository or set MMSOUP_NOTEBOOKS."
+        )
+    return here
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """The parameters a notebook declares in its cell tagged `parameters`."""
+    import papermill
+
+    return {k: v["default"] for k, v in papermill.inspect_notebook(str(path)).items()}
+
+
+def run_notebook(
+    name: str,
+    parameters: Mapping[str, Any],
+    out_dir: Path,
+    kernel_name: str = KERNEL,
+    stream: bool = True,
+) -> Path:
+    """Execute one notebook with papermill; a failing cell becomes one MMSoupError naming it."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    src = notebooks_dir() / f"{name}.ipynb"
+    if not src.is_file():
+        raise MMSoupError(
+            f"There is no notebook {name!r} in {src.parent}; pick one of {', '.join(PIPELINE + INTERACTIVE)}."
+        )
+    declared = notebook_parameters(src)
+    unknown = sorted(set(parameters) - set(declared))
+    if unknown:
+        raise MMSoupError(
+            f"Notebook {name} has no parameter {unknown[0]!r}; its parameters are {', '.join(declared)}."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{name}.ipynb"
+    env_before = os.environ.get("MMSOUP_PLAIN_PROGRESS")
+    os.environ["MMSOUP_PLAIN_PROGRESS"] = "1"  # text progress bars, streamed to this terminal
+    try:
+        papermill.execute_notebook(
+            str(src),
+            str(out),
+            parameters=dict(parameters),
+            kernel_name=kernel_name,
+            progress_bar=False,
+            stdout_file=sys.stdout if stream else None,
+            stderr_file=sys.stderr if stream else None,
+            cwd=str(src.parent),
+        )
+    except PapermillExecutionError as e:
+        raise MMSoupError(
+            f"Notebook {name} failed in cell {e.exec_count or e.cell_index} ({e.ename}: {e.evalue}); "
+            f"the executed copy with the traceback is {out}."
+        ) from e
+    finally:
+        if env_before is None:
+            os.environ.pop("MMSOUP_PLAIN_PROGRESS", None)
+        else:
+            os.environ["MMSOUP_PLAIN_PROGRESS"] = env_before
+    return out
+
+
+def reproduce(
+    profile: str = "embedded",
+    out: str | os.PathLike = "figures",
+    run_dir: str | os.PathLike | None = None,
+    notebooks: Sequence[str] = PIPELINE,
+    extra: Mapping[str, Any] | None = None,
+    stream: bool = True,
+) -> dict[str, float]:
+    """Run the study's notebooks in order (fine-tune, soups, evaluation, Figure 2, Table 1).
+
+    Results pass between notebooks only through files in `run_dir`; figures go to `out`.
+    Returns the wall time of each notebook in seconds.
+    """
+    from mmsoup.profiles import get_profile
+
+    get_profile(profile)  # unknown profile: one clear error before anything runs
+    run_dir = Path(run_dir or Path("runs") / profile).resolve()
+    out = Path(out).resolve()
+    times: dict[str, float] = {}
+    for i, name in enumerate(notebooks, 1):
+        params = {"profile": profile, "run_dir": str(run_dir), "interactive": False}
+        if "figures_dir" in notebook_parameters(notebooks_dir() / f"{name}.ipynb"):
+            params["figures_dir"] = str(out)
+        params.update(extra or {})
+        print(f"[{i}/{len(notebooks)}] {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        run_notebook(name, params, run_dir / "notebooks", stream=stream)
+        times[name] = time.perf_counter() - start
+        print(
+            f"[{i}/{len(notebooks)}] {name} done in {times[name]:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return times
