@@ -1,0 +1,182 @@
+"""The λ explorer: mix two models component by component with sliders and watch the accuracies.
+
+One slider per live component sets λ^j in Ψ'(λ)^j = λ^j·A^j + (1-λ^j)·B^j (MMS Alg. 1); the
+readouts (held-out, ID test, each shift) are recomputed with the fast evaluator when a slider is
+released, not on every drag step. A bar chart shows the λ* that manifold mixing found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from mmsoup.errors import MMSoupError
+from mmsoup.evaluate import Evaluator
+
+
+class LambdaExplorer:
+    """An ipywidgets panel over two state dicts, their components and a set of evaluators."""
+
+    def __init__(
+        self,
+        model_a: Mapping[str, torch.Tensor],
+        model_b: Mapping[str, torch.Tensor],
+        components: Mapping[str, Sequence[str]],
+        evaluators: Mapping[str, Evaluator],
+        lambda_star: Sequence[float] | None = None,
+        names: tuple[str, str] = ("A", "B"),
+    ) -> None:
+        if not evaluators:
+            raise MMSoupError(
+                "The λ explorer needs at least one evaluator (e.g. the held-out set)."
+            )
+        models = {id(ev.model) for ev in evaluators.values()}
+        if len(models) != 1:
+            raise MMSoupError("All evaluators of the λ explorer must share one model instance.")
+        self.model_a, self.model_b = model_a, model_b
+        self.components = {k: list(v) for k, v in components.items()}
+        self.evaluators = dict(evaluators)
+        m = len(self.components)
+        self.lambda_star = [
+            float(x) for x in (lambda_star if lambda_star is not None else [0.5] * m)
+        ]
+        if len(self.lambda_star) != m:
+            raise MMSoupError(
+                f"λ* has {len(self.lambda_star)} entries but there are {m} components."
+            )
+        self.names = names
+        self.lambdas = list(self.lambda_star)
+        self.n_updates = 0
+        self._accuracies = self._evaluate()
+        self._panel = None
+
+    def _evaluate(self) -> dict[str, float]:
+        """Write Ψ'(λ) into the shared model once, then score it on every evaluator."""
+        first = next(iter(self.evaluators.values()))
+        first.mix(self.model_a, self.model_b, self.components, self.lambdas)
+        self.n_updates += 1
+        return {name: 100.0 * ev.accuracy() for name, ev in self.evaluators.items()}
+
+    def set_lambdas(self, lambdas: Sequence[float]) -> dict[str, float]:
+        """Set every λ (as releasing the sliders would) and return the new accuracies (%)."""
+        if len(lambdas) != len(self.components):
+            raise MMSoupError(f"Give {len(self.components)} λ values, one per component.")
+        if any(not 0.0 <= x <= 1.0 for x in lambdas):
+            raise MMSoupError("Each λ must lie in [0, 1].")
+        self.lambdas = [float(x) for x in lambdas]
+        self._accuracies = self._evaluate()
+        if self._panel is not None:
+            self._sync_widgets()
+        return dict(self._accuracies)
+
+    def reset(self) -> dict[str, float]:
+        """Go back to the λ* that manifold mixing found."""
+        return self.set_lambdas(self.lambda_star)
+
+    def readouts(self) -> pd.DataFrame:
+        """The current accuracies (%), one row per evaluation set."""
+        return pd.DataFrame(
+            {"set": list(self._accuracies), "accuracy": list(self._accuracies.values())}
+        )
+
+    # -- the ipywidgets front end ------------------------------------------------------------
+    @property
+    def panel(self):
+        """The ipywidgets panel (built on first use): sliders, readouts, λ* bars, reset button."""
+        if self._panel is None:
+            self._build()
+        return self._panel
+
+    @property
+    def sliders(self) -> list:
+        """The component sliders, in component order."""
+        self.panel  # noqa: B018 (builds the panel)
+        return self._sliders
+
+    def _build(self) -> None:
+        import ipywidgets as w
+
+        layout = w.Layout(width="420px")
+        style = {"description_width": "190px"}
+        self._sliders = []
+        for name, value in zip(self.components, self.lambdas):
+            s = w.FloatSlider(
+                value=value,
+                min=0.0,
+                max=1.0,
+                step=0.01,
+                description=_short(name),
+                continuous_update=False,
+                readout_format=".2f",
+                layout=layout,
+                style=style,
+            )
+            s.observe(self._on_slider, names="value")
+            self._sliders.append(s)
+        self._readout = w.HTML()
+        self._reset = w.Button(description="reset to λ*", icon="undo", button_style="info")
+        self._reset.on_click(lambda _: self.reset())
+        self._bars = w.Output()
+        with self._bars:
+            _plot_lambda_star(self.components, self.lambda_star)
+        header = w.HTML(
+            f"<b>λ = 1</b>: all of <i>{self.names[0]}</i> &nbsp;·&nbsp; "
+            f"<b>λ = 0</b>: all of <i>{self.names[1]}</i>"
+        )
+        self._panel = w.VBox(
+            [
+                header,
+                w.HBox([w.VBox(self._sliders + [self._reset]), self._bars]),
+                self._readout,
+            ]
+        )
+        self._panel.add_class("mmsoup-lambda-explorer")
+        self._sync_widgets()
+
+    def _on_slider(self, change) -> None:
+        if getattr(self, "_syncing", False):
+            return
+        self.lambdas = [s.value for s in self._sliders]
+        self._accuracies = self._evaluate()
+        self._render_readouts()
+
+    def _sync_widgets(self) -> None:
+        self._syncing = True
+        try:
+            for s, value in zip(self._sliders, self.lambdas):
+                s.value = value
+        finally:
+            self._syncing = False
+        self._render_readouts()
+
+    def _render_readouts(self) -> None:
+        cells = "".join(
+            f"<td style='padding:2px 10px'><span class='mmsoup-set'>{name}</span><br>"
+            f"<b class='mmsoup-acc' data-set='{name}'>{acc:.2f}%</b></td>"
+            for name, acc in self._accuracies.items()
+        )
+        self._readout.value = f"<table class='mmsoup-readouts'><tr>{cells}</tr></table>"
+
+
+def _short(name: str) -> str:
+    """A slider label: the component name without the wrapper's `model.` prefix."""
+    return name.removeprefix("model.")
+
+
+def _plot_lambda_star(
+    components: Mapping[str, Sequence[str]], lambda_star: Sequence[float]
+) -> None:
+    """Horizontal bars of λ* per component (drawn into the current ipywidgets Output)."""
+    import matplotlib.pyplot as plt
+
+    names = [_short(n) for n in components]
+    fig, ax = plt.subplots(figsize=(3.6, 0.28 * len(names) + 0.9))
+    ax.barh(range(len(names)), lambda_star, color="#4c72b0")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("λ* found by manifold mixing")
+    fig.tight_layout()
+    plt.show()
