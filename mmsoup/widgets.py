@@ -180,3 +180,76 @@ def _plot_lambda_star(
     ax.set_xlabel("λ* found by manifold mixing")
     fig.tight_layout()
     plt.show()
+
+
+def mms_steps(meta: Mapping) -> list[tuple[int, list[float]]]:
+    """(candidate, λ*) of each accepted MMS step, read from a soup's sidecar trace (MMS Alg. 1)."""
+    steps = []
+    for d in meta["info"]["decisions"]:
+        if d["decision"] != "accepted":
+            continue
+        rows = [
+            r
+            for r in meta["trace"]
+            if r["candidate"] == d["candidate"] and r["lambdas"] is not None
+        ]
+        best = max(rows, key=lambda r: r["acc"])  # max keeps the first of equal maxima, as MMS does
+        steps.append((d["candidate"], best["lambdas"]))
+    return steps
+
+
+def explorer_inputs(paths, components, meta: Mapping):
+    """The default pair: Ψ before MMS's last accepted step, that step's candidate, and its λ*.
+
+    At λ* the panel shows exactly the fused model; at λ = 1 the soup without its last ingredient.
+    """
+    from mmsoup.checkpoints import load_state_dict
+    from mmsoup.soups import REST, interpolate
+
+    steps = mms_steps(meta)
+    order = meta["ingredients"]
+    psi = dict(load_state_dict(paths[order[0]]))
+    if not steps:  # nothing was mixed in: explore the best model against the runner-up
+        runner_up = sorted(range(len(paths)), key=lambda i: -meta["ingredient_val_accs"][i])[1]
+        return (
+            psi,
+            load_state_dict(paths[runner_up]),
+            [1.0] * len(components),
+            (order[0], runner_up),
+        )
+    rest = [k for k in psi if all(k not in keys for keys in components.values())]
+    plan = {**components, **({REST: rest} if rest else {})}
+    for k, (candidate, lam) in enumerate(steps[:-1], start=1):
+        full = list(lam) + [k / (k + 1)] * (len(plan) - len(lam))
+        psi = interpolate(psi, load_state_dict(paths[candidate]), plan, full)
+    candidate, lam = steps[-1]
+    return psi, load_state_dict(paths[candidate]), lam, ("fused", candidate)
+
+
+def from_run(run_dir, profile: str = "embedded", method: str = "MMS-C15") -> LambdaExplorer:
+    """A λ explorer over an MMS soup of a run folder (notebook 06): sliders start at λ*."""
+    from pathlib import Path
+
+    from mmsoup import pipeline
+    from mmsoup.checkpoints import read_sidecar
+    from mmsoup.partition import partition
+
+    file = Path(run_dir) / "soups" / f"{pipeline.slug(method)}.safetensors"
+    if not file.is_file():
+        raise MMSoupError(
+            f"{file} does not exist; run notebook 02 (soups) for this run folder first."
+        )
+    meta = read_sidecar(file)
+    ctx = pipeline.context(profile)
+    model = ctx.heldout.model
+    components = partition(model.state_dict(), pipeline.MMS_SCHEMES[method], model=model)
+    paths = pipeline.ingredient_paths(profile, run_dir)
+    a, b, lam, (name_a, name_b) = explorer_inputs(paths, components, meta)
+    names = (
+        f"{method} before its last ingredient" if name_a == "fused" else f"model_{name_a}",
+        f"model_{name_b}",
+    )
+    return LambdaExplorer(a, b, components, ctx.evaluators, lambda_star=lam, names=names)
+
+
+LambdaExplorer.from_run = staticmethod(from_run)
