@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mmsoup.errors import MMSoupError
@@ -28,6 +28,7 @@ from mmsoup.io import atomic_path, write_json
 StateDict = Mapping[str, torch.Tensor]
 Ingredient = Union[StateDict, str, os.PathLike]  # noqa: UP007 (a runtime alias)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+KEY_ORDER = "mmsoup_key_order"  # safetensors header entry: the state dict's key order (partitions follow it)
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -49,7 +50,12 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, tor
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            return load_file(path) if mmap else {k: v.clone() for k, v in load_file(path).items()}
+            state = load_file(path)
+            with safe_open(path, "pt") as f:  # safetensors sorts keys; restore the model's order
+                order = json.loads((f.metadata() or {}).get(KEY_ORDER, "[]"))
+            if sorted(order) == sorted(state):
+                state = {k: state[k] for k in order}
+            return state if mmap else {k: v.clone() for k, v in state.items()}
         if suffix in PICKLE_SUFFIXES:
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -115,9 +121,10 @@ def save_state_dict(
         raise MMSoupError(
             f"{path} must end in .safetensors; mmsoup writes checkpoints only in that format."
         )
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    # clone: safetensors refuses tensors that share memory (tied weights)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp)
+        save_file(tensors, tmp, metadata={KEY_ORDER: json.dumps(list(tensors))})
     write_json(sidecar_path(path), provenance(**(meta or {})))
     return path
 

@@ -1,0 +1,257 @@
+"""Component partitions: which parameters share one mixing coefficient (MMS §3, Alg. 1).
+
+A partition is an ordered mapping component name -> state-dict keys. Schemes:
+
+- `prefix:D` groups keys by their first D+1 dotted parts, as the author's `groupStateDictKeysByLevel`
+  does at level D; `prefix:D:split` also gives each block of an integer-indexed block list
+  (`...resblocks.<i>`) its own component. `C8`, `C15`, `C26` are the paper's partitions.
+- `blocks:N` cuts an open_clip vision tower (stem, blocks, post, head) into N contiguous groups.
+- `+live` drops components that cannot change the classifier's output, found by autograd.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from mmsoup.errors import MMSoupError
+
+Components = dict[str, list[str]]
+
+ALIASES = {"c8": "prefix:1", "c15": "prefix:2", "c26": "prefix:2:split"}
+SCHEMES = "C8, C15, C26, prefix:D, prefix:D:split, blocks:N, each optionally with '+live'"
+_POST = ("ln_post", "proj", "attn_pool")  # open_clip VisionTransformer after the blocks
+_HEAD = "classification_head"
+
+
+def _keys(keys_or_state_dict: Iterable[str] | Mapping[str, torch.Tensor] | nn.Module) -> list[str]:
+    """Floating keys of a state dict or module (all keys if given bare names), in order."""
+    if isinstance(keys_or_state_dict, nn.Module):
+        keys_or_state_dict = keys_or_state_dict.state_dict()
+    if isinstance(keys_or_state_dict, Mapping):
+        return [k for k, v in keys_or_state_dict.items() if v.is_floating_point()]
+    return list(keys_or_state_dict)
+
+
+def validate_partition(
+    components: Mapping[str, Sequence[str]], keys: Iterable[str], complete: bool = True
+) -> None:
+    """Check that `components` use each of `keys` exactly once (MMS §3: a partition of the weights).
+
+    With `complete=False` keys may be left out (a `+live` partition); unknown, repeated or empty
+    entries still raise MMSoupError naming the key.
+    """
+    keys = list(keys)
+    known = set(keys)
+    if not components:
+        raise MMSoupError(
+            "The partition has no components; pass at least one, e.g. partition(state, 'C8')."
+        )
+    owner: dict[str, str] = {}
+    for name, members in components.items():
+        if isinstance(members, str):
+            raise MMSoupError(
+                f"Component {name!r} must list keys, not be the string {members!r}; wrap it in a list."
+            )
+        if len(members) == 0:
+            raise MMSoupError(f"Component {name!r} is empty; drop it or give it at least one key.")
+        for key in members:
+            if key not in known:
+                raise MMSoupError(
+                    f"Component {name!r} names key {key!r}, which is not a floating parameter of the checkpoint; check its spelling."
+                )
+            if key in owner:
+                raise MMSoupError(
+                    f"Key {key!r} is repeated: it is in component {owner[key]!r} and in {name!r}; each key must belong to one component."
+                )
+            owner[key] = name
+    if complete:
+        missing = [k for k in keys if k not in owner]
+        if missing:
+            raise MMSoupError(
+                f"Key {missing[0]!r} is missing from the partition ({len(missing)} keys in no component); add it to a component."
+            )
+
+
+def _prefix(keys: Sequence[str], depth: int, split: bool) -> Components:
+    """Group keys by their first depth+1 dotted parts; with `split`, one group per indexed block."""
+    groups: Components = {}
+    for key in keys:
+        parts = key.split(".")
+        cut = depth + 1
+        if split:  # the first integer part past the prefix indexes a block list: cut after it
+            cut = next((i + 1 for i in range(cut, len(parts)) if parts[i].isdigit()), cut)
+        groups.setdefault(".".join(parts[:cut]), []).append(key)
+    return groups
+
+
+def _vision_units(keys: Sequence[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """The open_clip vision tower's units in forward order (stem, blocks, post, head), and the rest."""
+    towers = [k[: -len("class_embedding")] for k in keys if k.split(".")[-1] == "class_embedding"]
+    towers = [t for t in towers if any(k.startswith(t + "transformer.resblocks.") for k in keys)]
+    if not towers:
+        raise MMSoupError(
+            "Scheme 'blocks:N' needs an open_clip vision tower (keys '<tower>.class_embedding' and "
+            "'<tower>.transformer.resblocks.<i>.*'); use a 'prefix:D' scheme for other models."
+        )
+    tower = towers[0]  # e.g. "model.visual."
+    block = re.compile(re.escape(tower) + r"transformer\.resblocks\.(\d+)\.")
+    stem, post, head, rest = [], [], [], []
+    blocks: dict[int, list[str]] = {}
+    for key in keys:
+        if key.split(".")[0] == _HEAD:
+            head.append(key)
+        elif key.startswith(tower):  # tower may be "" for a bare open_clip VisionTransformer
+            match = block.match(key)
+            if match:
+                blocks.setdefault(int(match.group(1)), []).append(key)
+            elif key[len(tower) :].split(".")[0] in _POST:
+                post.append(key)
+            else:
+                stem.append(key)
+        else:
+            rest.append(key)
+    units = [("stem", stem)] + [(f"resblocks.{i}", blocks[i]) for i in sorted(blocks)]
+    units += [("post", post), ("head", head)]
+    return [(n, ks) for n, ks in units if ks], rest
+
+
+def _blocks(keys: Sequence[str], n_groups: int) -> Components:
+    """N contiguous groups of vision-tower units, as even as possible; text leftovers -> 'other'."""
+    units, rest = _vision_units(keys)
+    if not 1 <= n_groups <= len(units):
+        raise MMSoupError(
+            f"Scheme 'blocks:{n_groups}' asks for {n_groups} groups but this vision tower has "
+            f"{len(units)} units ({units[0][0]}, ..., {units[-1][0]}); pick N from 1 to {len(units)}."
+        )
+    size, extra = divmod(len(units), n_groups)  # the first `extra` groups take one unit more
+    groups: Components = {}
+    start = 0
+    for g in range(n_groups):
+        chunk = units[start : start + size + (g < extra)]
+        start += len(chunk)
+        name = chunk[0][0] if len(chunk) == 1 else f"{chunk[0][0]}..{chunk[-1][0]}"
+        groups[name] = [k for _, ks in chunk for k in ks]
+    if rest:
+        groups["other"] = list(rest)
+    return groups
+
+
+def _example_input(model: nn.Module) -> torch.Tensor:
+    """A random image batch (1, C, H, W) of the size the model's vision tower expects."""
+    for module in model.modules():
+        size = getattr(module, "image_size", None)
+        if size is not None:
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            conv = getattr(module, "conv1", None)
+            channels = conv.in_channels if isinstance(conv, nn.Conv2d) else 3
+            ref = next(model.parameters())
+            gen = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+            x = torch.randn(1, channels, h, w, generator=gen)
+            return x.to(device=ref.device, dtype=ref.dtype)
+    raise MMSoupError(
+        f"Cannot tell the input size of {type(model).__name__} (no 'image_size' attribute); "
+        "pass example_input= to live_components."
+    )
+
+
+def live_components(
+    components: Mapping[str, Sequence[str]],
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+) -> tuple[Components, list[str]]:
+    """Split components into those that can change the output and the dropped inert ones (MMS §4).
+
+    One forward on a random input and a backward of the output sum: a tensor that gets no gradient
+    (grad None) is not in the autograd graph. A component is dropped only if all its keys are inert.
+    Returns (kept components, dropped names). The model is not modified.
+    """
+    state = model.state_dict(keep_vars=True)
+    for name, members in components.items():
+        for key in members:
+            if key not in state:
+                raise MMSoupError(
+                    f"Component {name!r} names key {key!r}, which {type(model).__name__} does not have; pass the model the checkpoints belong to."
+                )
+    x = _example_input(model) if example_input is None else example_input
+    # Fresh leaves replace the module's tensors, so nothing of the model (grads, flags) changes.
+    leaves = {k: v.detach().requires_grad_(True) for k, v in state.items() if v.is_floating_point()}
+    was_training = model.training
+    model.eval()  # no running-statistics updates, no dropout
+    try:
+        with torch.enable_grad():
+            out = torch.func.functional_call(model, leaves, (x,))
+            outs = out.values() if isinstance(out, Mapping) else out
+            outs = [out] if isinstance(out, torch.Tensor) else list(outs)
+            total = sum(
+                o.float().sum() for o in outs if torch.is_tensor(o) and o.is_floating_point()
+            )
+            grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+    finally:
+        model.train(was_training)
+    live = {k for k, g in zip(leaves, grads) if g is not None}
+    kept = {n: list(ks) for n, ks in components.items() if any(k in live for k in ks)}
+    dropped = [n for n in components if n not in kept]
+    return kept, dropped
+
+
+def partition(
+    keys_or_state_dict: Iterable[str] | Mapping[str, torch.Tensor] | nn.Module,
+    scheme: str,
+    model: nn.Module | None = None,
+) -> Components:
+    """Partition the floating parameters into components by `scheme` (MMS §3, Alg. 1; PAPER_NOTES §1).
+
+    Schemes: C8, C15, C26, prefix:D, prefix:D:split, blocks:N; '+live' (needs `model`, or a module
+    as first argument) drops components that cannot change the output (see `live_components`).
+    """
+    if isinstance(keys_or_state_dict, nn.Module) and model is None:
+        model = keys_or_state_dict
+    keys = _keys(keys_or_state_dict)
+    if not keys:
+        raise MMSoupError(
+            "There are no floating parameters to partition; pass a non-empty state dict."
+        )
+    base, _, modifier = scheme.replace(" ", "").lower().partition("+")
+    if modifier not in ("", "live"):
+        raise MMSoupError(
+            f"Unknown scheme modifier '+{modifier}' in {scheme!r}; valid schemes: {SCHEMES}."
+        )
+    base = ALIASES.get(base, base)
+    kind, *args = base.split(":")
+    if (
+        kind == "prefix"
+        and len(args) in (1, 2)
+        and args[0].isdigit()
+        and args[1:] in ([], ["split"])
+    ):
+        components = _prefix(keys, int(args[0]), split=args[1:] == ["split"])
+    elif kind == "blocks" and len(args) == 1 and args[0].isdigit():
+        components = _blocks(keys, int(args[0]))
+    else:
+        raise MMSoupError(f"Unknown partition scheme {scheme!r}; valid schemes: {SCHEMES}.")
+    validate_partition(components, keys)
+    if modifier == "live":
+        if model is None:
+            raise MMSoupError(
+                f"Scheme {scheme!r} finds inert components from the model; pass model= (the nn.Module the checkpoint belongs to)."
+            )
+        components, _ = live_components(components, model)
+    return components
+
+
+def describe(
+    components: Mapping[str, Sequence[str]], state: Mapping[str, torch.Tensor] | nn.Module
+) -> pd.DataFrame:
+    """A table of the components: name, number of tensors, number of parameters."""
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    rows = [
+        {"component": name, "n_tensors": len(keys), "n_params": sum(state[k].numel() for k in keys)}
+        for name, keys in components.items()
+    ]
+    return pd.DataFrame(rows, columns=["component", "n_tensors", "n_params"])
