@@ -1,0 +1,110 @@
+"""The embedded digits benchmark: deterministic, disjoint, balanced, checksummed (issue 3)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmsoup.data import digits
+from mmsoup.errors import MMSoupError
+
+SETS = (*digits.SPLITS, *digits.SHIFTS)
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, Path]:
+    """The benchmark in the default cache (built once, shared with the rest of the suite)."""
+    return digits.build_all()
+
+
+def test_build_reproduces_the_manifest_digests(built):
+    # the manifest's digests came from an earlier, independent build: equal bytes = deterministic
+    expected = digits.expected_sha256()
+    assert set(expected) == set(built)
+    for name, path in built.items():
+        assert digits.sha256(path) == expected[name], name
+
+
+def test_sets_share_no_image(built):
+    owner: dict[bytes, str] = {}
+    for name in SETS:
+        images, _ = digits.load(name)
+        for im in images:
+            key = hashlib.sha1(im.tobytes()).digest()
+            assert owner.setdefault(key, name) == name, f"an image is in {owner[key]} and {name}"
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_each_set_is_balanced_over_ten_classes(built, name):
+    images, labels = digits.load(name)
+    assert images.dtype == np.uint8 and images.shape[1:] == (28, 28)
+    assert labels.dtype == np.int64 and len(labels) == len(images)
+    counts = np.bincount(labels, minlength=10)
+    assert len(counts) == 10 and len(labels) >= 500
+    assert counts.min() >= 0.8 * len(labels) / 10
+
+
+def test_split_sizes_and_digit_format(built):
+    assert {s: len(digits.load(s)[1]) for s in digits.SPLITS} == digits.SPLIT_SIZES
+    train, _ = digits.load("train")
+    assert train.max() == 255 and (train[:, 0, :] == 0).mean() > 0.95  # white digit, black frame
+
+
+def test_a_corrupt_cache_file_is_rebuilt(built, tmp_path):
+    for path in built.values():
+        shutil.copy(path, tmp_path / path.name)
+    victim = tmp_path / "heldout.npz"
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    images, labels = digits.load("heldout", tmp_path)
+    assert digits.sha256(victim) == digits.expected_sha256()["heldout"]
+    assert np.array_equal(images, digits.load("heldout")[0])
+
+
+def test_pretraining_fonts_are_disjoint_from_rendition_fonts():
+    pretrain, renditions = digits.font_split()
+    assert len(pretrain) >= 10 and len(renditions) >= 10
+    assert not set(pretrain) & set(renditions)
+    names = {Path(p).name for p in pretrain + renditions}
+    assert not names & {
+        "cmex10.ttf",
+        "cmsy10.ttf",
+        "LastResortHE-Regular.ttf",
+        "DejaVuSansDisplay.ttf",
+    }
+
+
+def test_glyph_bank_has_62_characters_per_font(built):
+    bank, labels = digits.pretraining_glyphs()
+    assert set(np.unique(labels)) == set(range(62))
+    assert len(bank) == 62 * len(digits.font_split()[0])
+
+
+def test_to_tensor_normalises_to_three_channels():
+    images, _ = digits.load("test")
+    x = digits.to_tensor(images[:5])
+    assert x.shape == (5, 3, 28, 28) and x.dtype == torch.float32
+    assert torch.equal(x[:, 0], x[:, 2])
+    assert x.min().item() == pytest.approx(-digits.MEAN / digits.STD)
+
+
+def test_jitter_is_seeded_and_keeps_the_background():
+    bank, _ = digits.pretraining_glyphs()
+    x = digits.to_tensor(bank[:64])
+    a = digits.jitter(x, torch.Generator().manual_seed(1))
+    b = digits.jitter(x, torch.Generator().manual_seed(1))
+    c = digits.jitter(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape
+    assert a[:, :, 0, 0].allclose(torch.tensor(-digits.MEAN / digits.STD), atol=1e-4)
+
+
+def test_unknown_set_is_one_clear_error():
+    with pytest.raises(MMSoupError, match="Unknown digits set 'mnist'"):
+        digits.load("mnist")
