@@ -1,0 +1,353 @@
+"""Fast held-out evaluation: one live model whose weights are rewritten in place (MMS Alg. 1).
+
+The MMS objective ValAcc(Ψ'(λ)) is evaluated hundreds of times per candidate, so the `Evaluator`
+keeps one model instance and the held-out tensors on the device, writes each candidate
+Ψ'(λ)^j = λ_j·Ψ^j + (1-λ_j)·θ^j straight into the parameters (no state-dict rebuilding, no
+`load_state_dict`, no DataLoader) and runs the forward pass in inference mode (bf16 autocast on
+CUDA). Class projections implement the 200-class and ObjectNet evaluations of PAPER_NOTES §4.
+Logit ensembles (Soups §2) are scored here too: each member's held-out logits, computed once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mmsoup.checkpoints import Ingredient, iter_ingredients, library_versions, validate_pool
+from mmsoup.errors import MMSoupError
+
+StateDict = Mapping[str, Tensor]
+Components = Mapping[str, Sequence[str]]
+
+
+@runtime_checkable
+class Projection(Protocol):
+    """Maps (B, C) logits of the head to (B, C') logits of an evaluation's label space."""
+
+    def __call__(self, logits: Tensor) -> Tensor: ...
+
+
+class ClassSubset:
+    """Logits restricted to a class subset, e.g. ImageNet-R/-A's 200 classes (PAPER_NOTES §4)."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        self.indices = torch.as_tensor(list(indices), dtype=torch.long)
+        if self.indices.numel() == 0 or self.indices.min() < 0:
+            raise MMSoupError(
+                "ClassSubset needs a non-empty list of non-negative class indices; check the mapping."
+            )
+        self._cache: dict[torch.device, Tensor] = {}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes after projection."""
+        return self.indices.numel()
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """(B, C) -> (B, C'): the columns of the subset, in subset order (labels index into it)."""
+        idx = self._cache.setdefault(logits.device, self.indices.to(logits.device))
+        return logits.index_select(-1, idx)
+
+
+class ClassGroups:
+    """ObjectNet-style projection: class score = max over its mapped logits (PAPER_NOTES §4)."""
+
+    def __init__(self, groups: Sequence[Sequence[int]]) -> None:
+        if not groups or any(len(g) == 0 for g in groups):
+            raise MMSoupError(
+                "ClassGroups needs a non-empty list of non-empty index groups; check the class mapping."
+            )
+        width = max(len(g) for g in groups)
+        # pad each group with its own first index: the max is unchanged, the gather is one op
+        self.index = torch.tensor([list(g) + [g[0]] * (width - len(g)) for g in groups])  # (C', L)
+        if self.index.min() < 0:
+            raise MMSoupError("ClassGroups indices must be non-negative; check the class mapping.")
+        self._cache: dict[torch.device, Tensor] = {}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes after projection."""
+        return self.index.shape[0]
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """(B, C) -> (B, C'): max over each group's logits."""
+        idx = self._cache.setdefault(logits.device, self.index.to(logits.device))
+        return logits[:, idx].amax(dim=-1)  # (B, C', L) -> (B, C')
+
+
+def correct(logits: Tensor, labels: Tensor) -> np.ndarray:
+    """Per-example top-1 correctness (bool, (N,)), e.g. for paired bootstrap intervals."""
+    if logits.shape[0] != labels.shape[0]:
+        raise MMSoupError(
+            f"{logits.shape[0]} logits rows but {labels.shape[0]} labels; pass the matching labels."
+        )
+    return (logits.argmax(dim=-1).cpu() == labels.cpu()).numpy()
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy of (N, C) logits against (N,) labels."""
+    hits = correct(logits, labels)
+    return float(hits.mean()) if hits.size else float("nan")
+
+
+class _Plan:
+    """Component -> live parameter tensors, resolved once per `components` mapping."""
+
+    def __init__(self, components: Components, params: Mapping[str, Tensor]) -> None:
+        self.source, self.names = components, list(components)
+        self.keys: list[str] = []  # every mixed key, flat, so one fused op writes them all
+        self.owner: list[int] = []  # component index of each key
+        seen: set[str] = set()
+        for j, (name, keys) in enumerate(components.items()):
+            for key in keys:
+                if key not in params or not params[key].is_floating_point():
+                    raise MMSoupError(
+                        f"Component {name!r} lists {key!r}, which is not a floating parameter of the "
+                        "model; build the partition from this model's state dict."
+                    )
+                if key in seen:
+                    raise MMSoupError(
+                        f"Key {key!r} is in two components (again in {name!r}); each key must belong to one."
+                    )
+                self.keys.append(key)
+                seen.add(key)
+                self.owner.append(j)
+        self.outs = [params[k] for k in self.keys]
+        mixed = set(self.keys)  # keys outside every component take base's values
+        self.rest = [k for k, t in params.items() if k not in mixed and t.is_floating_point()]
+        self.rest_outs = [params[k] for k in self.rest]
+
+
+class Evaluator:
+    """Held-out top-1 of one live model whose weights are written in place (MMS Alg. 1 objective)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        device: str | torch.device | None = None,
+        batch_size: int = 1024,
+        preprocess: Callable[[Tensor], Tensor] | None = None,
+        projection: Projection | None = None,
+        amp: bool | None = None,
+    ) -> None:
+        if images.shape[0] == 0:
+            raise MMSoupError("The held-out set is empty; pass at least one image to evaluate on.")
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise MMSoupError(
+                f"Got {images.shape[0]} images but labels of shape {tuple(labels.shape)}; pass one label per image."
+            )
+        if batch_size < 1:
+            raise MMSoupError(f"batch_size must be >= 1, got {batch_size}.")
+        self.device = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        self.model = model.to(self.device).eval()  # the ONE live instance
+        self.images = images.to(self.device)  # prepared once; preprocess runs per batch
+        self.labels = labels.to(self.device, torch.long)
+        self.batch_size = batch_size
+        self.preprocess = preprocess if preprocess is not None else (lambda x: x)
+        self.projection = projection
+        self.amp = self.device.type == "cuda" if amp is None else amp
+        # key -> live tensor (aliases of the parameters/buffers, written in place)
+        self._params = {k: v.detach() for k, v in self.model.state_dict(keep_vars=True).items()}
+        self._float_keys = {k for k, v in self._params.items() if v.is_floating_point()}
+        self._plan: _Plan | None = None
+        self.num_classes = self._probe_classes()
+        top = int(self.labels.max())
+        if int(self.labels.min()) < 0:
+            raise MMSoupError(
+                "Labels must be non-negative class indices; check the held-out labels."
+            )
+        if self.num_classes < top + 1:
+            raise MMSoupError(
+                f"The labels go up to {top} but the (projected) head has only {self.num_classes} classes; "
+                "use a head or projection that matches the held-out data."
+            )
+
+    @property
+    def n(self) -> int:
+        """Number of held-out examples."""
+        return self.images.shape[0]
+
+    def _probe_classes(self) -> int:
+        try:
+            with torch.inference_mode():
+                return int(self._forward(self.images[:1]).shape[-1])
+        except (IndexError, RuntimeError) as e:
+            raise MMSoupError(
+                f"The model or projection fails on the held-out images ({type(e).__name__}: {e}); "
+                "check the image shape, preprocess and class indices."
+            ) from e
+
+    def _forward(self, x: Tensor, project: bool = True) -> Tensor:
+        """Logits (B, C') of one batch of held-out inputs (raw (B, C) if not `project`)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.model(self.preprocess(x))
+        return self.project(logits) if project else logits
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # single place that walks the cached held-out set: a later prefix-activation cache hooks here
+        for i in range(0, self.n, self.batch_size):
+            yield self.images[i : i + self.batch_size], self.labels[i : i + self.batch_size]
+
+    def project(self, logits: Tensor) -> Tensor:
+        """Apply this evaluator's class projection (identity without one)."""
+        return self.projection(logits) if self.projection is not None else logits
+
+    @torch.inference_mode()
+    def accuracy(self) -> float:
+        """Top-1 accuracy of the current parameters on the held-out set."""
+        hits = torch.zeros((), dtype=torch.long, device=self.device)
+        for x, y in self._batches():
+            hits += (self._forward(x).argmax(dim=-1) == y).sum()
+        return hits.item() / self.n  # the one host sync per evaluation
+
+    @torch.inference_mode()
+    def logits(self, project: bool = True) -> Tensor:
+        """(N, C') logits of the current parameters, CPU float32 (raw (N, C) if project=False)."""
+        return torch.cat([self._forward(x, project).float().cpu() for x, _ in self._batches()])
+
+    def _check_keys(self, state: StateDict) -> None:
+        if state.keys() == self._float_keys:
+            return
+        missing = sorted(self._float_keys - state.keys())
+        extra = sorted(state.keys() - self._params.keys())
+        if missing or extra:
+            key = (missing or extra)[0]
+            raise MMSoupError(
+                f"The state dict {'lacks' if missing else 'has the unknown key'} {key!r} "
+                f"({len(missing)} missing, {len(extra)} unexpected); it does not fit the evaluator's model."
+            )
+
+    @torch.no_grad()
+    def load(self, state: StateDict) -> None:
+        """Copy a state dict into the live parameters in place."""
+        self._check_keys(state)
+        for key, value in state.items():
+            self._params[key].copy_(value, non_blocking=True)
+
+    def _staged(self, state: StateDict, keys: list[str], outs: list[Tensor]) -> list[Tensor]:
+        """state's tensors for `keys` on the device in the parameters' dtypes (no copy if there)."""
+        src = [state[k] for k in keys]
+        return [
+            t if t.device == o.device and t.dtype == o.dtype else t.to(o.device, o.dtype)
+            for t, o in zip(src, outs)
+        ]
+
+    @torch.no_grad()
+    def mix(self, base: StateDict, other: StateDict, components: Components, lambdas) -> None:
+        """Write Ψ'(λ)^j = λ_j·base^j + (1-λ_j)·other^j into the parameters in place (MMS Alg. 1)."""
+        if self._plan is None or self._plan.source is not components:
+            self._plan = _Plan(components, self._params)
+        plan = self._plan
+        if isinstance(lambdas, Mapping):
+            lambdas = [lambdas[name] for name in plan.names]
+        lambdas = [float(v) for v in lambdas]
+        if len(lambdas) != len(plan.names):
+            raise MMSoupError(
+                f"Got {len(lambdas)} lambdas for {len(plan.names)} components; pass one per component."
+            )
+        self._check_keys(base)
+        self._check_keys(other)
+        if plan.keys:  # out = other + λ(base - other): torch.lerp's formula, two fused launches
+            torch._foreach_copy_(plan.outs, self._staged(other, plan.keys, plan.outs))
+            weights = [lambdas[j] for j in plan.owner]
+            torch._foreach_lerp_(plan.outs, self._staged(base, plan.keys, plan.outs), weights)
+        if plan.rest:
+            torch._foreach_copy_(plan.rest_outs, self._staged(base, plan.rest, plan.rest_outs))
+
+    def __call__(self, state: StateDict) -> float:
+        """Load `state` and return its held-out accuracy: an Evaluator is a val_acc callable."""
+        self.load(state)
+        return self.accuracy()
+
+    def mixed_accuracy(
+        self, base: StateDict, other: StateDict, components: Components, lambdas
+    ) -> float:
+        """ValAcc(Ψ'(λ)): the MMS objective, mixed in place then evaluated (MMS Alg. 1)."""
+        self.mix(base, other, components, lambdas)
+        return self.accuracy()
+
+
+# -- logit ensembles (Soups §2): K forward passes at inference, scored on cached logits --------
+@dataclass
+class EnsembleResult:
+    """A logit ensemble: members, held-out accuracy and mean projected logits (Soups §2)."""
+
+    ingredients: list[int]
+    val_acc: float
+    logits: Tensor  # (N, C') mean logits of the members, CPU float32
+    ingredient_val_accs: list[float]
+    n_evals: int  # held-out forward passes
+    trace: list[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _member_logits(ingredients, evaluator: Evaluator) -> Iterator[tuple[int, Tensor]]:
+    """Raw (N, C) held-out logits of each ingredient, one forward pass each."""
+    for i, sd in iter_ingredients(ingredients):
+        evaluator.load(sd)
+        yield i, evaluator.logits(project=False)
+
+
+def ensemble_logits(ingredients: Sequence[Ingredient], evaluator: Evaluator) -> Tensor:
+    """Projected mean logits of the ingredients on an evaluator's data (Soups §2, ensemble)."""
+    validate_pool(ingredients, check_finite=False)
+    total = None
+    for _, z in _member_logits(ingredients, evaluator):
+        total = z if total is None else total + z
+    return evaluator.project(total / len(ingredients))
+
+
+def _ensemble(ingredients, evaluator: Evaluator, greedy: bool) -> EnsembleResult:
+    t0 = time.perf_counter()
+    validate_pool(ingredients, check_finite=False)
+    labels, raw, accs, trace = evaluator.labels.cpu(), [], [], []
+    for i, z in _member_logits(ingredients, evaluator):  # each model's logits, computed once
+        raw.append(z)
+        accs.append(accuracy(evaluator.project(z), labels))
+        trace.append({"eval": len(trace), "candidate": i, "stage": "ingredient", "acc": accs[-1]})
+    order = sorted(range(len(raw)), key=lambda i: -accs[i])
+    members, total = [order[0]], raw[order[0]].clone()
+    best = accs[order[0]]
+    for i in order[1:]:
+        cand = total + raw[i]
+        acc = accuracy(evaluator.project(cand / (len(members) + 1)), labels)
+        if greedy:
+            trace.append({"eval": len(trace), "candidate": i, "stage": "greedy", "acc": acc})
+        if not greedy or acc > best:  # greedy rule (strict), applied to logit ensembles
+            members.append(i)
+            total, best = cand, acc
+    logits = evaluator.project(total / len(members))
+    info = {
+        "recipe": "greedy_ensemble" if greedy else "logit_ensemble",
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    return EnsembleResult(
+        ingredients=members,
+        val_acc=accuracy(logits, labels),
+        logits=logits,
+        ingredient_val_accs=accs,
+        n_evals=len(raw),
+        trace=trace,
+        info=info | {"versions": library_versions()},
+    )
+
+
+def logit_ensemble(ingredients: Sequence[Ingredient], evaluator: Evaluator) -> EnsembleResult:
+    """Average the logits of all ingredients: K forward passes at inference (Soups §2, ensemble)."""
+    return _ensemble(ingredients, evaluator, greedy=False)
+
+
+def greedy_ensemble(ingredients: Sequence[Ingredient], evaluator: Evaluator) -> EnsembleResult:
+    """Greedy rule of Soups Recipe 1 applied to logit ensembles (Soups §2, greedy ensemble)."""
+    return _ensemble(ingredients, evaluator, greedy=True)
