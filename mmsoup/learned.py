@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from mmsoup.checkpoints import Ingredient, iter_ingredients, library_versions, validate_pool
 from mmsoup.errors import MMSoupError
 from mmsoup.partition import validate_partition
+from mmsoup.progress import tqdm
 
 if TYPE_CHECKING:
     from mmsoup.soups import SoupResult

@@ -293,8 +293,7 @@ def slug(name: str) -> str:
 # -- stage 3: evaluation -----------------------------------------------------------------------
 def evaluate_stage(profile: str, run_dir: str | os.PathLike) -> pd.DataFrame:
     """Every model and soup on held-out, ID test and each shift; writes results/ (PAPER_NOTES §4)."""
-    from tqdm.auto import tqdm
-
+    from mmsoup.progress import tqdm
     from mmsoup.soups import ensemble_logits
 
     run_dir = Path(run_dir)
@@ -314,13 +313,29 @@ def evaluate_stage(profile: str, run_dir: str | os.PathLike) -> pd.DataFrame:
         kind = "ensemble" if "nsemble" in name else ("wise" if name == "WiSE-FT" else "soup")
         models.append((name, kind, soups_dir / file))
     rows, hits = [], {}
+    raw: dict[
+        int, dict[str, torch.Tensor]
+    ] = {}  # each pool model's raw logits, reused by ensembles
+    keep = sum(ev.n for ev in ctx.evaluators.values()) * ctx.heldout.num_classes * len(paths) < 2e8
     for name, kind, src in tqdm(models, desc="evaluate", unit="model"):
         if kind == "ensemble":
-            members = [paths[i] for i in json.loads(Path(src).read_text())["ingredients"]]
-            logits = {s: ensemble_logits(members, ctx.evaluators[s]) for s in sets}
+            members = json.loads(Path(src).read_text())["ingredients"]
+            if all(i in raw for i in members):  # Soups §2: mean raw logits, then the projection
+                logits = {
+                    s: ev.project(sum(raw[i][s] for i in members) / len(members))
+                    for s, ev in ctx.evaluators.items()
+                }
+            else:
+                logits = {
+                    s: ensemble_logits([paths[i] for i in members], ev)
+                    for s, ev in ctx.evaluators.items()
+                }
         else:
             ctx.heldout.load(load_state_dict(src))
-            logits = {s: ctx.evaluators[s].logits() for s in sets}
+            z = {s: ev.logits(project=False) for s, ev in ctx.evaluators.items()}
+            if keep and Path(src) in paths:
+                raw[paths.index(Path(src))] = z
+            logits = {s: ctx.evaluators[s].project(z[s]) for s in sets}
         for s in sets:
             ok = correct(logits[s], ctx.evaluators[s].labels.cpu())
             hits[f"{name}/{s}"] = ok

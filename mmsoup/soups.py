@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from nevergrad.common.errors import FinishedUnderlyingOptimizerWarning, NevergradWarning
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mmsoup.checkpoints import (
     Ingredient,
@@ -42,6 +41,7 @@ from mmsoup.evaluate import (  # noqa: F401 (the ensembles are re-exported from 
     logit_ensemble,
 )
 from mmsoup.partition import validate_partition
+from mmsoup.progress import tqdm
 
 StateDict = Mapping[str, Tensor]
 ValAcc = Callable[[StateDict], float]

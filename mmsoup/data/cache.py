@@ -24,12 +24,12 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
-from tqdm.auto import tqdm
 
 from mmsoup.data.imagenet import FolderDataset
 from mmsoup.data.manifest import data_root
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import Projection
+from mmsoup.progress import tqdm
 
 CLIP_MEAN, CLIP_STD = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 CACHE_FORMAT = 1  # bump when the file layout changes

@@ -24,9 +24,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from mmsoup.errors import MMSoupError
+from mmsoup.progress import tqdm
 
 COLUMNS = (
     "name",
