@@ -13,13 +13,12 @@ import json
 import os
 import pickle
 import platform
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mmsoup.errors import MMSoupError
@@ -65,12 +64,18 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, tor
                 else:
                     raise
             return _unwrap(obj, path)
+    except (MMSoupError, MemoryError):
+        raise
     except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # torch's weights-only unpickler met a class or function to import
+            raise MMSoupError(
+                f"{path} is refused: it is a pickle that would run code or build objects other than tensors "
+                "(only weights_only=True loading is allowed); re-save it as a plain state dict or .safetensors."
+            ) from e
         raise MMSoupError(
-            f"{path} is refused: it is a pickle that would run code or build objects other than tensors "
-            "(only weights_only=True loading is allowed); re-save it as a plain state dict or .safetensors."
+            f"{path} is truncated or corrupt (not a PyTorch checkpoint); re-download or re-save it."
         ) from e
-    except (SafetensorError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as e:
+    except Exception as e:  # any other failure to parse (KeyError, struct.error, ...) is a bad file
         raise MMSoupError(
             f"{path} is truncated or corrupt ({type(e).__name__}); re-download or re-save it."
         ) from e
@@ -94,17 +99,16 @@ def provenance(**extra: Any) -> dict[str, Any]:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that decide a result (recorded next to every output)."""
-    import nevergrad
-    import numpy
-    import open_clip
+    from importlib.metadata import version
 
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "nevergrad": nevergrad.__version__,
-        "open_clip": open_clip.__version__,
+        **{name: version(dist) for name, dist in _VERSIONED.items()},
     }
+
+
+_VERSIONED = {"numpy": "numpy", "nevergrad": "nevergrad", "open_clip": "open_clip_torch"}
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -125,7 +129,9 @@ def save_state_dict(
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={KEY_ORDER: json.dumps(list(tensors))})
-    write_json(sidecar_path(path), provenance(**(meta or {})))
+        # inside the block: if the sidecar cannot be written, the checkpoint is not renamed in
+        # either, so a checkpoint never appears without its sidecar
+        write_json(sidecar_path(path), provenance(**(meta or {})))
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -26,16 +27,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:  # data reaches the disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == 28:  # ENOSPC
+        if _disk_full(e):
             raise MMSoupError(
                 f"The disk filled up while writing {path}; free space and run again (nothing was written)."
             ) from e
         raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also when a non-Python writer (safetensors' Rust) reports it only in text."""
+    if isinstance(e, MMSoupError):  # already one sentence (a nested atomic write)
+        return False
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "os error 28" in str(e) or "No space left on device" in str(e)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

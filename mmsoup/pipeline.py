@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mmsoup import resume
 from mmsoup.checkpoints import load_state_dict, read_sidecar
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import Evaluator, correct
@@ -221,7 +222,11 @@ def soup_stage(
             greedy_soup(paths, ev, ingredient_val_accs=accs).save(file)
         elif name in MMS_SCHEMES:
             comps = partition(ev.model.state_dict(), MMS_SCHEMES[name], model=ev.model)
-            manifold_mixing_soup(paths, ev, comps, ingredient_val_accs=accs).save(file)
+            state = out / f"{slug(name)}.state.json"  # a killed run resumes at its next candidate
+            manifold_mixing_soup(paths, ev, comps, ingredient_val_accs=accs, state_file=state).save(
+                file
+            )
+            resume.remove(state)
         elif name == "Learned soup":
             comps = partition(ev.model.state_dict(), "C26+live", model=ev.model)
             learned_soup(paths, ev, comps, ingredient_val_accs=accs).save(file)

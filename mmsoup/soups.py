@@ -24,6 +24,7 @@ import torch
 from nevergrad.common.errors import FinishedUnderlyingOptimizerWarning, NevergradWarning
 from torch import Tensor
 
+from mmsoup import resume
 from mmsoup.checkpoints import (
     Ingredient,
     iter_ingredients,
@@ -313,8 +314,16 @@ def manifold_mixing_soup(
     refine: bool | None = None,
     ingredient_val_accs: Sequence[float] | None = None,
     progress: bool = True,
+    state_file: str | os.PathLike | None = None,
 ) -> SoupResult:
-    """Mix candidates best-first, one λ per component, found by a nevergrad optimizer (MMS Alg. 1)."""
+    """Mix candidates best-first, one λ per component, found by a nevergrad optimizer (MMS Alg. 1).
+
+    With `state_file` (a `.json` path) the run's state is written atomically after every
+    candidate's decision (Ψ beside it as `<stem>.psi-<k>.safetensors`); a rerun with the same
+    inputs resumes at the next candidate and returns the same soup, bit for bit, as an
+    uninterrupted run. The files are kept after the run (`mmsoup.resume.remove` deletes them).
+    A single ingredient is allowed: it is returned as the soup after one evaluation.
+    """
     t0 = time.perf_counter()
     if variant not in _VARIANTS:
         raise MMSoupError(f"variant must be 'paper' or 'author', got {variant!r}.")
@@ -345,73 +354,117 @@ def manifold_mixing_soup(
     ties = bool(opts["accept_ties"])
     better = (lambda a, b: a >= b) if ties else (lambda a, b: a > b)
 
+    params = {"tau": tau, "budget": int(budget), "optimizer": optimizer, "seed": seed}
+    params |= {"variant": variant, **opts}
     scorer = _Scorer(val_acc)
-    accs, order = _ranked(ingredients, scorer, ingredient_val_accs)
     device = val_acc.device if scorer.fast else torch.device("cpu")
-    first = open_ingredient(ingredients[order[0]])
-    psi = {k: v.to(device, copy=True) for k, v in first.items()}  # Ψ ← θ_0 (owned)
-    del first
-    acc_psi, mixed = accs[order[0]], [order[0]]
-    weights = {c: np.eye(len(ingredients))[order[0]] for c in plan}  # one-hot of the best
-    ran, decisions = [], []
+    fp = saved = None
+    if state_file is not None:
+        given = None if ingredient_val_accs is None else [float(a) for a in ingredient_val_accs]
+        fp = resume.fingerprint(
+            ingredients, comps, val_acc, params | {"ingredient_val_accs": given}
+        )
+        saved = resume.load(state_file, fp)
+    if saved is None:
+        accs, order = _ranked(ingredients, scorer, ingredient_val_accs)
+        first = open_ingredient(ingredients[order[0]])
+        psi = {k: v.to(device, copy=True) for k, v in first.items()}  # Ψ ← θ_0 (owned)
+        del first
+        acc_psi, mixed = accs[order[0]], [order[0]]
+        weights = {c: np.eye(len(ingredients))[order[0]] for c in plan}  # one-hot of the best
+        ran, decisions, done, elapsed, resumed_at = [], [], 0, 0.0, []
+    else:  # resume after the last decided candidate (the ranking is not recomputed)
+        accs, scorer.trace = saved.ingredient_val_accs, saved.trace
+        order = sorted(range(len(accs)), key=lambda i: -accs[i])  # as _ranked
+        psi = {k: v.to(device, copy=True) for k, v in saved.psi.items()}
+        acc_psi, mixed, done = saved.acc_psi, saved.mixed, saved.done
+        weights = {c: np.asarray(w, dtype=np.float64) for c, w in saved.weights.items()}
+        ran, decisions, elapsed = saved.optimizers, saved.decisions, saved.elapsed_s
+        resumed_at = [*saved.resumed_at, done]
+        del saved
 
-    for i in tqdm(order[1:], desc="manifold mixing soup", disable=not progress):
+    def commit(psi_changed: bool) -> None:
+        """Write the run's state after a decision (Ψ only if it changed)."""
+        if state_file is None:
+            return
+        state = resume.MMSState(
+            done=done,
+            psi=psi,
+            acc_psi=acc_psi,
+            mixed=mixed,
+            weights={c: w.tolist() for c, w in weights.items()},
+            ingredient_val_accs=accs,
+            trace=scorer.trace,
+            decisions=decisions,
+            optimizers=ran,
+            elapsed_s=elapsed + time.perf_counter() - t0,
+            finished=done == len(order) - 1,
+            resumed_at=resumed_at,
+        )
+        resume.save(state_file, fp, state, psi_changed)
+
+    if done == 0:
+        commit(psi_changed=True)  # the ranking alone costs n evaluations
+    bar = dict(desc="manifold mixing soup", initial=done, total=len(order) - 1)
+    for i in tqdm(order[1 + done :], disable=not progress, **bar):
         k = len(mixed)
         lam0 = k / (k + 1)
         theta = {key: v.to(device) for key, v in open_ingredient(ingredients[i]).items()}
         search = _Search(scorer, psi, theta, plan, lam0, i, m)
         acc_tilde = search(np.full(m, lam0))  # Ψ̃ = k/(k+1)·Ψ + 1/(k+1)·θ_i, one evaluation
+        accepted = False
         if not better(acc_tilde, tau * acc_psi):
             decisions.append({"candidate": i, "decision": "skipped", "approx_acc": acc_tilde})
-            del theta, search  # drop the streamed candidate before opening the next
-            continue
-        half = 0.5 * (1.0 - lam0)
-        lo, hi = (0.0, 1.0) if opts["bounds"] == "unit" else (lam0 - half, lam0 + half)
-        passes = [("pass1", np.full(m, lam0), lo, hi)]
-        while passes:
-            search.stage, init, lo, hi = passes.pop(0)
-            name = _optimize(opt_cls, search, init, lo, hi, budget, seed)
-            ran.append({"candidate": i, "pass": search.stage, "optimizer": name})
-            best_acc, best_lam = search.best()
-            if not (opts["refine"] and better(best_acc, acc_psi)):
-                break
-            if search.stage == "pass1":  # author: refine in [0.3, 1] from λ*
-                before = best_acc
-                passes.append(("pass2", np.clip(best_lam, 0.3, 1.0), 0.3, 1.0))
-            elif search.stage == "pass2" and best_acc >= (1.0 + 0.3 * (1.0 - tau)) * before:
-                passes.append(("pass3", np.clip(best_lam, 0.3, 1.0), 0.3, 1.0))
-        accepted = better(best_acc, acc_psi)
-        decision = "accepted" if accepted else "rejected"
-        decisions.append(
-            {"candidate": i, "decision": decision, "approx_acc": acc_tilde, "best_acc": best_acc}
-        )
-        if accepted:
-            full = search.full(best_lam)
-            psi = interpolate(psi, theta, plan, full)  # Ψ ← Ψ'(λ*): exactly the evaluated model
-            onehot = np.eye(len(ingredients))[i]
-            for c, lam in zip(plan, full):
-                weights[c] = lam * weights[c] + (1.0 - lam) * onehot  # w_j ← λ_j·w_j + (1-λ_j)·e_i
-            acc_psi = best_acc
-            mixed.append(i)
-        del theta, search
+        else:
+            half = 0.5 * (1.0 - lam0)
+            lo, hi = (0.0, 1.0) if opts["bounds"] == "unit" else (lam0 - half, lam0 + half)
+            passes = [("pass1", np.full(m, lam0), lo, hi)]
+            while passes:
+                search.stage, init, lo, hi = passes.pop(0)
+                name = _optimize(opt_cls, search, init, lo, hi, budget, seed)
+                ran.append({"candidate": i, "pass": search.stage, "optimizer": name})
+                best_acc, best_lam = search.best()
+                if not (opts["refine"] and better(best_acc, acc_psi)):
+                    break
+                if search.stage == "pass1":  # author: refine in [0.3, 1] from λ*
+                    before = best_acc
+                    passes.append(("pass2", np.clip(best_lam, 0.3, 1.0), 0.3, 1.0))
+                elif search.stage == "pass2" and best_acc >= (1.0 + 0.3 * (1.0 - tau)) * before:
+                    passes.append(("pass3", np.clip(best_lam, 0.3, 1.0), 0.3, 1.0))
+            accepted = better(best_acc, acc_psi)
+            decision = "accepted" if accepted else "rejected"
+            decisions.append(
+                {
+                    "candidate": i,
+                    "decision": decision,
+                    "approx_acc": acc_tilde,
+                    "best_acc": best_acc,
+                }
+            )
+            if accepted:
+                full = search.full(best_lam)
+                psi = interpolate(psi, theta, plan, full)  # Ψ ← Ψ'(λ*): exactly the evaluated model
+                onehot = np.eye(len(ingredients))[i]
+                for c, lam in zip(plan, full):  # w_j ← λ_j·w_j + (1-λ_j)·e_i
+                    weights[c] = lam * weights[c] + (1.0 - lam) * onehot
+                acc_psi = best_acc
+                mixed.append(i)
+        del theta, search  # drop the streamed candidate before opening the next
+        done += 1
+        commit(psi_changed=accepted)
 
     info = {
         "recipe": "manifold_mixing_soup",
-        "params": {
-            "tau": tau,
-            "budget": int(budget),
-            "optimizer": optimizer,
-            "seed": seed,
-            "variant": variant,
-            **opts,
-        },
+        "params": params,
         "n_components": m,
         "uncovered_keys": rest,
         "optimizers": ran,
         "decisions": decisions,
-        "wall_time_s": time.perf_counter() - t0,
+        "wall_time_s": elapsed + time.perf_counter() - t0,
         "versions": library_versions(),
     }
+    if resumed_at:
+        info["resumed_at"] = resumed_at  # `done` candidates at each resume
     return SoupResult(
         state_dict={k: v.to("cpu") for k, v in psi.items()},
         val_acc=acc_psi,
