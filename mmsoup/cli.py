@@ -1,0 +1,256 @@
+"""`python -m mmsoup <command>`: one function per command, registered in COMMANDS.
+
+To add a command, write a function taking the parsed arguments and decorate it:
+
+    @command("data", "build and verify the digits benchmark", arg("--cache", type=Path))
+    def cmd_data(args: argparse.Namespace) -> int | None: ...
+
+A user-caused problem (MMSoupError) prints one line `mmsoup: error: <message>` and exits 2; an
+interrupt exits 1. `--debug` (before or after the command) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmsoup.errors import MMSoupError
+
+Handler = Callable[[argparse.Namespace], "int | None"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A registered subcommand: its help line, its arguments and the function that runs it."""
+
+    help: str
+    arguments: tuple[tuple[tuple[str, ...], dict[str, Any]], ...]
+    handler: Handler
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def arg(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """One argument of a command, as for `ArgumentParser.add_argument(*flags, **kwargs)`."""
+    return flags, kwargs
+
+
+def command(
+    name: str, help: str, *arguments: tuple[tuple[str, ...], dict[str, Any]]
+) -> Callable[[Handler], Handler]:
+    """Register the decorated function as subcommand `name` with the given arguments."""
+
+    def register(handler: Handler) -> Handler:
+        COMMANDS[name] = Command(help, arguments, handler)
+        return handler
+
+    return register
+
+
+PROFILE = arg("--profile", default="embedded", help="named profile (default: embedded)")
+CACHE = arg(
+    "--cache",
+    type=Path,
+    default=None,
+    help="cache root (default: $MMSOUP_CACHE or ~/.cache/mmsoup)",
+)
+THREADS = arg(
+    "--threads", type=int, default=None, help="torch threads per process (default: the profile's)"
+)
+
+
+def _log(message: str) -> None:
+    """A progress line on stderr (stdout stays for results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@command(
+    "pretrain",
+    "pretrain the embedded backbone and fit its linear probe (cached)",
+    PROFILE,
+    CACHE,
+    THREADS,
+)
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    """Build (or find cached) the backbone and the LP init of a profile."""
+    from mmsoup.profiles import get_profile
+
+    get_profile(args.profile)  # a wrong name fails before torch is imported
+    from mmsoup.checkpoints import read_sidecar
+    from mmsoup.pretrain import prepare
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if step % 100 == 0 or step == total - 1:
+            _log(f"pretrain step {step + 1}/{total} loss {loss:.3f}")
+
+    backbone, lp = prepare(
+        args.profile, cache_dir=args.cache, threads=args.threads, on_step=on_step
+    )
+    b, p = read_sidecar(backbone), read_sidecar(lp)
+    print(f"backbone  {backbone}  fresh renders {b['fresh_acc']:.2%}  ({b['wall_seconds']:.0f} s)")
+    print(f"LP init   {lp}  held-out {p['val_acc']:.2%}  test {p['test_acc']:.2%}  C={p['C']:g}")
+
+
+@command(
+    "finetune",
+    "run one fine-tuning run: run K of a sweep file, or one config",
+    arg("--sweep", type=Path, help="sweep file (sweep.json) whose run K to execute"),
+    arg(
+        "--run",
+        type=int,
+        default=os.environ.get("SLURM_ARRAY_TASK_ID"),  # `sbatch --array=1-12` fans a sweep out
+        help="run number K (1..n; writes model_K.safetensors; default: $SLURM_ARRAY_TASK_ID)",
+    ),
+    arg("--force", action="store_true", help="redo run K even if it already finished"),
+    arg("--config", help="a run config as a JSON file or inline JSON (instead of --sweep)"),
+    arg("--init", type=Path, help="LP init checkpoint for --config (default: the profile's)"),
+    arg(
+        "--out",
+        type=Path,
+        help="checkpoint to write for --config (default: runs/finetune/run-<hash>.safetensors)",
+    ),
+    PROFILE,
+    CACHE,
+    THREADS,
+)
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Fine-tune once and print the checkpoint and its held-out accuracy."""
+    from mmsoup.finetune import FinetuneConfig, run_finetune
+    from mmsoup.sweep import load_sweep, run_from_sweep
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if step == 0 or (step + 1) % 50 == 0 or step == total - 1:
+            _log(f"step {step + 1}/{total} loss {loss:.3f}")
+
+    if args.sweep is not None:
+        if args.run is None or args.config is not None:
+            raise MMSoupError(
+                "--sweep needs --run K (and no --config); e.g. --sweep runs/embedded/sweep.json --run 1."
+            )
+        meta = run_from_sweep(
+            args.sweep, args.run, threads=args.threads, on_step=on_step, force=args.force
+        )
+        out = load_sweep(args.sweep).checkpoint(args.run)
+    elif args.config is not None:
+        config = FinetuneConfig.from_json(_json_argument(args.config, "--config"))
+        init = args.init
+        if init is None:
+            from mmsoup.pretrain import prepare
+
+            init = prepare(args.profile, cache_dir=args.cache, threads=args.threads)[1]
+        out = args.out or Path("runs") / "finetune" / f"run-{config.key()}.safetensors"
+        meta = run_finetune(config, init, out, args.cache, _threads(args), on_step=on_step)
+    else:
+        raise MMSoupError("finetune needs --sweep FILE --run K, or --config JSON.")
+    print(f"{out}  val_acc {meta['val_acc']:.2%}  ({meta['wall_seconds']:.0f} s)")
+
+
+@command(
+    "sweep",
+    "pretrain if needed, then run (or resume) the fine-tuning sweep of a profile",
+    PROFILE,
+    arg("--out", type=Path, help="output folder (default: runs/<profile>)"),
+    arg("--jobs", type=int, default=None, help="concurrent runs (default: the profile's)"),
+    arg(
+        "--configs",
+        type=Path,
+        help="JSON list of run configs to sweep instead of the profile's search",
+    ),
+    CACHE,
+    THREADS,
+)
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Write the sweep file of a profile and run its unfinished runs."""
+    from mmsoup.profiles import get_profile
+
+    prof = get_profile(args.profile)  # a wrong name fails before torch is imported
+    from mmsoup.pretrain import prepare
+    from mmsoup.sweep import load_configs, profile_configs, run_sweep, summary, write_sweep
+
+    configs = load_configs(args.configs) if args.configs else profile_configs(args.profile)
+    _, lp = prepare(args.profile, cache_dir=args.cache, threads=args.threads)
+    out = args.out or Path("runs") / args.profile
+    sweep_file = write_sweep(configs, out, lp, profile=args.profile, cache_dir=args.cache)
+    report = run_sweep(sweep_file, jobs=args.jobs or prof.jobs, threads=args.threads)
+    _log(
+        f"sweep {sweep_file}: ran {len(report.ran)}, already done {len(report.skipped)}, {report.seconds:.0f} s"
+    )
+    for row in summary(sweep_file):
+        aug = (
+            row["augment"]
+            if row["augment"] == "minimal"
+            else f"RA(M={row['randaug_m']},N={row['randaug_n']})"
+        )
+        print(
+            f"{row['name']:>9}  lr {row['lr']:.1e}  wd {row['weight_decay']:.1e}  ep {row['epochs']}  "
+            f"ls {row['label_smoothing']:.2f}  mixup {row['mixup_alpha']:.2f}  {aug:<14}  "
+            f"val_acc {row['val_acc']:.2%}  {row['wall_seconds']:.0f} s"
+        )
+
+
+def _threads(args: argparse.Namespace) -> int | None:
+    """--threads, else the thread count of --profile."""
+    from mmsoup.profiles import get_profile
+
+    return args.threads if args.threads is not None else get_profile(args.profile).threads
+
+
+def _json_argument(value: str, flag: str) -> dict[str, Any]:
+    """A JSON object given inline or as a file path."""
+    text = Path(value).read_text() if Path(value).is_file() else value
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise MMSoupError(
+            f"{flag} {value!r} is neither an existing file nor valid inline JSON; pass e.g. '{{\"lr\": 0.001}}'."
+        ) from None
+    if not isinstance(data, dict):
+        raise MMSoupError(
+            f"{flag} must be a JSON object of hyper-parameters, e.g. '{{\"lr\": 0.001}}'."
+        )
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subparser per registered command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
+    parser = argparse.ArgumentParser(
+        prog="mmsoup",
+        description="Model soups and manifold mixing model soups, reproducible on a laptop.",
+        parents=[common],
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=cmd.help, description=cmd.help, parents=[common])
+        for flags, kwargs in cmd.arguments:
+            sub.add_argument(*flags, **kwargs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `mmsoup` and `python -m mmsoup`; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        status = COMMANDS[args.command].handler(args)
+    except MMSoupError as e:
+        if debug:
+            raise
+        print(f"mmsoup: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("mmsoup: error: interrupted", file=sys.stderr)
+        return 1
+    return int(status or 0)

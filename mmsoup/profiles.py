@@ -1,0 +1,103 @@
+"""Named profiles of the study as data: which backbone, how it is pretrained, which sweep.
+
+- `embedded` (the default): the tiny ViT pretrained here on typeset characters, a 12-run random
+  search on the digits benchmark; the whole study runs in minutes on a 2-core CPU.
+- `smoke`: the same pipeline at a fraction of the cost (CI, first contact).
+- `paper`: CLIP ViT-B/32 and the 72 released checkpoints of Soups on ImageNet (placeholders; the
+  fine-tuning is not redone, the checkpoints are downloaded).
+
+A profile only holds plain values; `mmsoup.pretrain` and `mmsoup.sweep` turn them into configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from mmsoup.errors import MMSoupError
+
+# mmsoup.models.TINY_ARCH / PAPER_ARCH, spelled out so that reading a profile (and failing on a
+# wrong name in the CLI) does not import torch and open_clip.
+TINY_ARCH = "mmsoup-tiny-vit"
+PAPER_ARCH = "ViT-B-32-quickgelu"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One named setting of the whole study (backbone, pretraining, sweep, data)."""
+
+    name: str
+    description: str
+    arch: str
+    dataset: str  # "digits" (embedded) or "imagenet" (paper)
+    # Keyword arguments of `mmsoup.pretrain.PretrainConfig`; None: the backbone is not ours.
+    pretrain: dict[str, Any] | None
+    search: str  # "random" (Soups App. J.2.1), "grid" or "released" (the 72 checkpoints)
+    n_runs: int  # fine-tuned models in the sweep (model_0, the LP init, not counted)
+    search_seed: int = 0
+    # Overrides of `mmsoup.sweep.SearchSpace` fields (the ranges of the random search).
+    space: dict[str, Any] = field(default_factory=dict)
+    # Overrides of `mmsoup.finetune.FinetuneConfig` fields applied to every run (e.g. fewer images).
+    run_overrides: dict[str, Any] = field(default_factory=dict)
+    jobs: int = 1  # default number of concurrent fine-tuning processes
+    # Intra-op threads of a process (pretraining, linear probe; None: torch's default). One: on
+    # 2 shared cores, 2 OpenMP threads made a training step 3-13x slower whenever another process
+    # ran, and 2 one-thread sweep processes keep both cores busy anyway.
+    threads: int | None = 1
+
+
+PROFILES: MappingProxyType[str, Profile] = MappingProxyType(
+    {
+        "embedded": Profile(
+            name="embedded",
+            description="tiny ViT pretrained on ~120k typeset characters, 12-run random search on digits",
+            arch=TINY_ARCH,
+            dataset="digits",
+            pretrain={"images": 120_000},
+            search="random",
+            n_runs=12,
+            search_seed=0,
+            jobs=2,  # two 1-thread processes use 2 cores better than one 2-thread process
+        ),
+        "smoke": Profile(
+            name="smoke",
+            description="the embedded pipeline at smoke scale: 50 pretraining steps, 4 short runs",
+            arch=TINY_ARCH,
+            dataset="digits",
+            pretrain={"images": 6_400, "eval_images": 1024},
+            search="random",
+            n_runs=4,
+            search_seed=0,
+            space={"epochs": (1, 1)},
+            run_overrides={"train_images": 1536},  # 24 steps per run
+            jobs=1,  # in-process: 4 short runs cost less than 4 interpreter start-ups
+        ),
+        "paper": Profile(
+            name="paper",
+            description="CLIP ViT-B/32, the 72 released Soups checkpoints, ImageNet (placeholder)",
+            arch=PAPER_ARCH,
+            dataset="imagenet",
+            pretrain=None,  # OpenAI CLIP weights
+            threads=None,  # a GPU machine: torch's default
+            search="released",
+            n_runs=71,  # model_1..model_71; model_0 is the LP init
+            # The paper's own ranges (Soups App. J.2.1), for the record and for `random_search`.
+            space={
+                "log10_lr": (-6.0, -4.0),
+                "epochs": (4, 16),
+                "randaug_m": (0, 30),  # timm U{0..20} saturates at 10 = torchvision's 30
+            },
+            run_overrides={"batch_size": 512},
+        ),
+    }
+)
+DEFAULT_PROFILE = "embedded"
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called `name`; an unknown name is an MMSoupError listing the valid ones."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise MMSoupError(f"Unknown profile {name!r}; pick one of {', '.join(PROFILES)}.") from None
