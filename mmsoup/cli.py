@@ -254,3 +254,97 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mmsoup: error: interrupted", file=sys.stderr)
         return 1
     return int(status or 0)
+
+
+DATA_ACTIONS = ("build", "verify", "fetch")
+
+
+@command(
+    "data",
+    "build the embedded benchmark, verify a profile's data, or fetch public artifacts",
+    arg("action", choices=DATA_ACTIONS, help="build | verify | fetch"),
+    arg("names", nargs="*", metavar="NAME", help="artifacts to fetch (glob patterns allowed)"),
+    PROFILE,
+    arg("--data-root", default=None, help="paper data root (default: $MMSOUP_DATA)"),
+    arg("--quiet", action="store_true", help="no progress bars"),
+)
+def cmd_data(args: argparse.Namespace) -> int | None:
+    """`data build` (digits), `data verify --profile P`, `data fetch NAME...` (PAPER_NOTES §4)."""
+    from mmsoup.profiles import get_profile
+
+    if args.action == "build":
+        from mmsoup.data import digits
+
+        for name, path in digits.build_all(progress=not args.quiet).items():
+            images, _ = digits.load(name)
+            print(f"{name:>16}  {len(images):>5} images  sha256 ok  {path}")
+        return 0
+    from mmsoup.data.manifest import cmd_data_fetch, cmd_data_verify
+
+    if args.action == "verify":
+        get_profile(args.profile)
+        if args.profile != "paper":  # the embedded sets live in the cache, checked by digest
+            args.data_root = args.data_root or os.environ.get(
+                "MMSOUP_CACHE", str(Path.home() / ".cache" / "mmsoup")
+            )
+        return cmd_data_verify(args)
+    return cmd_data_fetch(args)
+
+
+RUN_DIR = arg("--run-dir", type=Path, default=None, help="run folder (default: runs/<profile>)")
+
+
+@command(
+    "soup",
+    "build the soups of a run folder on its held-out split (uniform, greedy, MMS, learned, ...)",
+    PROFILE,
+    RUN_DIR,
+    arg(
+        "--recipe", action="append", default=None, help="a recipe name, e.g. 'MMS-C8' (repeatable)"
+    ),
+)
+def cmd_soup(args: argparse.Namespace) -> None:
+    """Run the soup stage (notebook 02) from the command line."""
+    from mmsoup.profiles import get_profile
+
+    get_profile(args.profile)
+    from mmsoup import pipeline
+
+    unknown = [r for r in args.recipe or () if r not in pipeline.RECIPES]
+    if unknown:
+        raise MMSoupError(
+            f"Unknown recipe {unknown[0]!r}; pick from {', '.join(pipeline.RECIPES)}."
+        )
+    run_dir = args.run_dir or Path("runs") / args.profile
+    recipes = tuple(args.recipe) if args.recipe else None
+    print(pipeline.soup_stage(args.profile, run_dir, recipes).to_string(index=False))
+
+
+@command("evaluate", "evaluate every model and soup of a run folder", PROFILE, RUN_DIR)
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Run the evaluation stage (notebook 03) from the command line."""
+    from mmsoup.profiles import get_profile
+
+    get_profile(args.profile)
+    from mmsoup import pipeline
+
+    acc = pipeline.evaluate_stage(args.profile, args.run_dir or Path("runs") / args.profile)
+    print(acc.pivot_table(index="method", columns="set", values="accuracy", sort=False).round(2))
+
+
+@command(
+    "reproduce",
+    "run notebooks 01-05 headlessly with papermill and write Figure 2 and Table 1",
+    PROFILE,
+    RUN_DIR,
+    arg("--out", type=Path, default=Path("figures"), help="where figures and tables go"),
+)
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    """The headless study: fine-tune, soups, evaluation, Figure 2, Table 1 (README)."""
+    from mmsoup.reproduce import reproduce
+
+    times = reproduce(args.profile, out=args.out, run_dir=args.run_dir)
+    total = sum(times.values())
+    for name, seconds in times.items():
+        _log(f"{name:<22} {seconds:7.0f} s  ({seconds / total:5.1%})")
+    _log(f"{'total':<22} {total:7.0f} s; figures and tables in {args.out}")

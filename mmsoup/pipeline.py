@@ -29,6 +29,15 @@ from mmsoup.profiles import get_profile
 
 ID_SET = {"digits": "test", "imagenet": "ImageNet"}
 MMS_SCHEMES = {"MMS-C8": "C8+live", "MMS-C15": "C15+live", "MMS-C26": "C26+live"}
+RECIPES = (
+    "Uniform soup",
+    "Greedy soup",
+    *MMS_SCHEMES,
+    "Learned soup",
+    "WiSE-FT",
+    "Ensemble",
+    "Greedy ensemble",
+)
 WISE_ALPHAS = tuple(round(a, 2) for a in np.linspace(0.1, 1.0, 10))
 
 
@@ -187,15 +196,7 @@ def soup_stage(
         accs = [ev(load_state_dict(p)) for p in paths]
         write_json(accs_file, accs)
     start = time.perf_counter()
-    recipes = recipes or (
-        "Uniform soup",
-        "Greedy soup",
-        *MMS_SCHEMES,
-        "Learned soup",
-        "WiSE-FT",
-        "Ensemble",
-        "Greedy ensemble",
-    )
+    recipes = recipes or RECIPES
     rows = []
     for name in recipes:
         file = out / f"{slug(name)}.safetensors"
@@ -223,9 +224,11 @@ def soup_stage(
         elif name in MMS_SCHEMES:
             comps = partition(ev.model.state_dict(), MMS_SCHEMES[name], model=ev.model)
             state = out / f"{slug(name)}.state.json"  # a killed run resumes at its next candidate
-            manifold_mixing_soup(paths, ev, comps, ingredient_val_accs=accs, state_file=state).save(
-                file
+            budget = get_profile(profile).mms_budget
+            res = manifold_mixing_soup(
+                paths, ev, comps, budget=budget, ingredient_val_accs=accs, state_file=state
             )
+            res.save(file)
             resume.remove(state)
         elif name == "Learned soup":
             comps = partition(ev.model.state_dict(), "C26+live", model=ev.model)

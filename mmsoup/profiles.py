@@ -45,6 +45,9 @@ class Profile:
     # 2 shared cores, 2 OpenMP threads made a training step 3-13x slower whenever another process
     # ran, and 2 one-thread sweep processes keep both cores busy anyway.
     threads: int | None = 1
+    # Nevergrad evaluations per MMS candidate. The paper spends ~250; the embedded default spends
+    # fewer so the whole study fits 15 minutes on 2 CPU cores (one evaluation: ~0.5 s there).
+    mms_budget: int = 250
 
 
 PROFILES: MappingProxyType[str, Profile] = MappingProxyType(
@@ -59,6 +62,7 @@ PROFILES: MappingProxyType[str, Profile] = MappingProxyType(
             n_runs=12,
             search_seed=0,
             jobs=2,  # two 1-thread processes use 2 cores better than one 2-thread process
+            mms_budget=60,
         ),
         "smoke": Profile(
             name="smoke",
@@ -72,6 +76,7 @@ PROFILES: MappingProxyType[str, Profile] = MappingProxyType(
             space={"epochs": (1, 1)},
             run_overrides={"train_images": 1536},  # 24 steps per run
             jobs=1,  # in-process: 4 short runs cost less than 4 interpreter start-ups
+            mms_budget=8,
         ),
         "paper": Profile(
             name="paper",
