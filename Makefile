@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint reproduce clean
+.PHONY: setup test lint reproduce clean bench bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -25,3 +25,10 @@ reproduce: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+bench: setup
+	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_scale.py --threads 1 --batch-size 256
+
+bench-gpu: setup
+	$(BIN)/python benchmarks/bench_gpu.py --device cuda

@@ -4,7 +4,9 @@ The MMS objective ValAcc(Ψ'(λ)) is evaluated hundreds of times per candidate, 
 keeps one model instance and the held-out tensors on the device, writes each candidate
 Ψ'(λ)^j = λ_j·Ψ^j + (1-λ_j)·θ^j straight into the parameters (no state-dict rebuilding, no
 `load_state_dict`, no DataLoader) and runs the forward pass in inference mode (bf16 autocast on
-CUDA). Class projections implement the 200-class and ObjectNet evaluations of PAPER_NOTES §4.
+CUDA). Through `mixed_accuracy`, an open_clip ViT restarts its forward at the first stage whose
+weights changed since the last evaluation (`mmsoup.reuse`, issue 6), bit for bit the same accuracy.
+Class projections implement the 200-class and ObjectNet evaluations of PAPER_NOTES §4.
 Logit ensembles (Soups §2) are scored here too: each member's held-out logits, computed once.
 """
 
@@ -138,6 +140,8 @@ class Evaluator:
         preprocess: Callable[[Tensor], Tensor] | None = None,
         projection: Projection | None = None,
         amp: bool | None = None,
+        reuse: bool = True,
+        cache_mb: float = 512.0,
     ) -> None:
         if images.shape[0] == 0:
             raise MMSoupError("The held-out set is empty; pass at least one image to evaluate on.")
@@ -161,6 +165,10 @@ class Evaluator:
         self._params = {k: v.detach() for k, v in self.model.state_dict(keep_vars=True).items()}
         self._float_keys = {k for k, v in self._params.items() if v.is_floating_point()}
         self._plan: _Plan | None = None
+        # prefix-activation reuse (mmsoup.reuse): built on the first mixed_accuracy call; the
+        # budget bounds the cached activations (N x tokens x width per cached block)
+        self.reuse, self.cache_mb = reuse, float(cache_mb)
+        self._prefix: Any = None  # None: not built yet; False: plain path
         self.num_classes = self._probe_classes()
         top = int(self.labels.max())
         if int(self.labels.min()) < 0:
@@ -203,13 +211,31 @@ class Evaluator:
         """Apply this evaluator's class projection (identity without one)."""
         return self.projection(logits) if self.projection is not None else logits
 
-    @torch.inference_mode()
-    def accuracy(self) -> float:
-        """Top-1 accuracy of the current parameters on the held-out set."""
+    def _hits(self) -> Tensor:
+        """Number of correct top-1 predictions on this evaluator's batches (no host sync)."""
         hits = torch.zeros((), dtype=torch.long, device=self.device)
         for x, y in self._batches():
             hits += (self._forward(x).argmax(dim=-1) == y).sum()
-        return hits.item() / self.n  # the one host sync per evaluation
+        return hits
+
+    def _mixed_hits(self) -> Tensor:
+        """`_hits` through the prefix-activation cache when the model supports it (issue 6)."""
+        if self._prefix is None:
+            from mmsoup import reuse
+
+            built = reuse.build(self, self.cache_mb * 2**20) if self.reuse else None
+            self._prefix = built if built is not None else False
+        return self._prefix.hits(self) if self._prefix else self._hits()
+
+    @property
+    def reuse_stats(self) -> dict[str, int]:
+        """Counters of the prefix cache: evaluations, stage runs done and of full forwards."""
+        return dict(self._prefix.stats) if self._prefix else {}
+
+    @torch.inference_mode()
+    def accuracy(self) -> float:
+        """Top-1 accuracy of the current parameters on the held-out set."""
+        return self._hits().item() / self.n  # the one host sync per evaluation
 
     @torch.inference_mode()
     def logits(self, project: bool = True) -> Tensor:
@@ -275,7 +301,8 @@ class Evaluator:
     ) -> float:
         """ValAcc(Ψ'(λ)): the MMS objective, mixed in place then evaluated (MMS Alg. 1)."""
         self.mix(base, other, components, lambdas)
-        return self.accuracy()
+        with torch.inference_mode():
+            return self._mixed_hits().item() / self.n
 
 
 # -- logit ensembles (Soups §2): K forward passes at inference, scored on cached logits --------

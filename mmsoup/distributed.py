@@ -1,0 +1,434 @@
+"""Distributed evaluation on torch.distributed: evaluation sets sharded across ranks (issue 6).
+
+Under `torchrun --nproc_per_node=K [--nnodes=N ...]` every rank builds the same model and one
+`DistributedEvaluator` per evaluation set over its shard of whole batches. Rank 0 runs the recipe
+unchanged (e.g. `manifold_mixing_soup`, MMS Alg. 1, whose optimizer lives there) against the
+evaluators, which are `Evaluator`s: each call broadcasts a command, any state dict the workers do
+not hold yet (Ψ and θ_i once per candidate, not per λ) and λ; the other ranks sit in `serve()`.
+Correct counts are all-reduced, so each accuracy is the single-process one (same batches, same
+integer count, same division) and the soup, its trace and its files are identical. Only rank 0
+writes files. Without torchrun (no WORLD_SIZE) everything runs in one process.
+
+    torchrun --nproc_per_node=2 -m mmsoup.distributed --ingredients runs/sweep --out mms.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mmsoup.errors import MMSoupError
+from mmsoup.evaluate import Evaluator, StateDict
+
+T = TypeVar("T")
+_EVALUATORS: dict[str, DistributedEvaluator] = {}  # name -> evaluator, the same on every rank
+
+
+def init(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int]:
+    """Join the process group torchrun describes (env://); (rank, world size), (0, 1) without it."""
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def shard_bounds(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of rank's shard: a contiguous run of whole batches, so every batch is the same."""
+    n_batches = -(-n // batch_size)
+    per, extra = divmod(n_batches, world)
+    first = rank * per + min(rank, extra)
+    last = first + per + (rank < extra)
+    return min(first * batch_size, n), min(last * batch_size, n)
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """Where collectives run: the GPU for NCCL, the CPU otherwise (gloo)."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _bcast_object(obj: Any = None) -> Any:
+    """Rank 0's `obj` on every rank (a small header: op, evaluator, specs, λ)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _spec(state: StateDict) -> list[tuple[str, list[int], str]]:
+    return [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()]
+
+
+def _signature(state: StateDict) -> tuple:
+    """Identity + in-place version of each tensor: equal iff the workers' copy is still valid."""
+    return tuple((id(v), v._version) for v in state.values())
+
+
+class DistributedEvaluator(Evaluator):
+    """An Evaluator over this rank's shard whose results are all-reduced across ranks (issue 6)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        name: str = "heldout",
+        batch_size: int = 1024,
+        **kwargs: Any,
+    ) -> None:
+        self.rank, self.world = _world()
+        self._spread = self.world > 1
+        lo, hi = shard_bounds(images.shape[0], batch_size, self.rank, self.world)
+        empty = hi <= lo  # fewer batches than ranks: this rank only joins the reductions
+        sl = slice(0, 1) if empty else slice(lo, hi)
+        super().__init__(model, images[sl], labels[sl], batch_size=batch_size, **kwargs)
+        self._probe = self.images[:1]  # one image: the logits' width on a rank without batches
+        if empty:
+            self.images = self.images[:0]
+        self._shard_labels = self.labels[:0] if empty else self.labels
+        self.labels = labels.to(self.device, torch.long)  # every label: ensembles score on rank 0
+        self._total = images.shape[0]
+        self._shard_sizes = [
+            b - a
+            for a, b in (
+                shard_bounds(self._total, batch_size, r, self.world) for r in range(self.world)
+            )
+        ]
+        if self._total and int(self.labels.max()) >= self.num_classes:
+            raise MMSoupError(
+                f"The labels go up to {int(self.labels.max())} but the head has {self.num_classes} "
+                "classes; use a head or projection that matches the data."
+            )
+        self.name = name
+        self._sent: dict[str, tuple[Any, tuple]] = {}  # rank 0: slot -> (state, signature)
+        self._held: dict[str, Any] = {}  # workers: slot -> last received state / components
+        _EVALUATORS[name] = self
+
+    @property
+    def n(self) -> int:
+        """Number of examples over all ranks."""
+        return self._total
+
+    def _batches(self):
+        # this rank's whole batches, in order (the prefix cache and plain path both walk these)
+        for i in range(0, self.images.shape[0], self.batch_size):
+            yield self.images[i : i + self.batch_size], self._shard_labels[i : i + self.batch_size]
+
+    # -- rank 0: the Evaluator API, one broadcast command per call -------------------------------
+    def _fresh(self, slot: str, state: StateDict) -> list | None:
+        """state's spec if the workers do not hold it yet, else None (sent once per candidate)."""
+        held = self._sent.get(slot)
+        if held is not None and held[0] is state and held[1] == _signature(state):
+            return None
+        self._sent[slot] = (state, _signature(state))  # a strong ref: its id cannot be reused
+        return _spec(state)
+
+    def _command(self, header: dict[str, Any], local: dict[str, Any]) -> Any:
+        header["ev"] = self.name
+        _bcast_object(header)
+        return self._handle(header, local)
+
+    def mixed_accuracy(self, base: StateDict, other: StateDict, components, lambdas) -> float:
+        """ValAcc(Ψ'(λ)) over all ranks: only λ travels once Ψ and θ_i are held (MMS Alg. 1)."""
+        if not self._spread:
+            return super().mixed_accuracy(base, other, components, lambdas)
+        self._check_keys(base)
+        self._check_keys(other)
+        lam = (
+            {k: float(v) for k, v in lambdas.items()}
+            if isinstance(lambdas, Mapping)
+            else [float(v) for v in lambdas]
+        )
+        comps = None
+        if self._sent.get("components", (None,))[0] is not components:
+            self._sent["components"] = (components, ())
+            comps = {str(c): list(keys) for c, keys in components.items()}
+        header = {"op": "mix", "lambdas": lam, "components": comps}
+        header |= {"base": self._fresh("base", base), "other": self._fresh("other", other)}
+        return self._command(header, {"base": base, "other": other, "components": components})
+
+    def __call__(self, state: StateDict) -> float:
+        """Load `state` on every rank and return the all-reduced held-out accuracy."""
+        if not self._spread:
+            return super().__call__(state)
+        self._check_keys(state)
+        return self._command({"op": "call", "state": _spec(state)}, {"state": state})
+
+    def load(self, state: StateDict) -> None:
+        """Copy a state dict into the live parameters of every rank."""
+        if not self._spread:
+            return super().load(state)
+        self._check_keys(state)
+        self._command({"op": "load", "state": _spec(state)}, {"state": state})
+
+    def accuracy(self) -> float:
+        """Top-1 accuracy of the current parameters over all ranks' shards."""
+        if not self._spread:
+            return super().accuracy()
+        return self._command({"op": "acc"}, {})
+
+    def logits(self, project: bool = True) -> Tensor:
+        """(N, C') logits over all ranks, in the original order (CPU float32)."""
+        if not self._spread:
+            return super().logits(project)
+        return self._command({"op": "logits", "project": project}, {})
+
+    # -- every rank: execute one command -------------------------------------------------------
+    def _bcast_state(self, spec: list, state: StateDict | None) -> dict[str, Tensor]:
+        """Rank 0's state dict on every rank, one flat broadcast per dtype."""
+        comm, out = _comm_device(self.device), {}
+        for dtype_name in dict.fromkeys(d for _, _, d in spec):
+            dtype = getattr(torch, dtype_name)
+            rows = [(k, shape) for k, shape, d in spec if d == dtype_name]
+            sizes = [int(torch.Size(shape).numel()) for _, shape in rows]
+            if state is not None:  # rank 0
+                flat = torch.cat([state[k].reshape(-1).to(comm, dtype) for k, _ in rows])
+            else:
+                flat = torch.empty(sum(sizes), dtype=dtype, device=comm)
+            dist.broadcast(flat, src=0)
+            if state is None:
+                for (k, shape), part in zip(rows, flat.split(sizes)):
+                    out[k] = part.view(shape).to(self.device)
+        return dict(state) if state is not None else {k: out[k] for k, _, _ in spec}
+
+    def _inputs(self, header: dict[str, Any], local: dict[str, Any] | None) -> dict[str, Any]:
+        """The op's state dicts: rank 0's own objects, the workers' received (or held) copies."""
+        got = {}
+        for slot in ("base", "other", "state"):
+            if slot not in header:
+                continue
+            if header[slot] is not None:
+                recv = self._bcast_state(header[slot], None if local is None else local[slot])
+                if local is None:
+                    self._held[slot] = recv
+            got[slot] = local[slot] if local is not None else self._held[slot]
+        if header.get("op") == "mix":
+            if local is None and header["components"] is not None:
+                self._held["components"] = header["components"]  # a stable object: _Plan cached
+            got["components"] = (
+                local["components"] if local is not None else self._held["components"]
+            )
+        return got
+
+    def _handle(self, header: dict[str, Any], local: dict[str, Any] | None) -> Any:
+        op, args = header["op"], self._inputs(header, local)
+        value, error, rows = torch.zeros((), dtype=torch.long), None, None
+        try:
+            with torch.inference_mode():
+                if op == "mix":
+                    self.mix(args["base"], args["other"], args["components"], header["lambdas"])
+                    value = self._mixed_hits()
+                elif op in ("call", "load"):
+                    Evaluator.load(self, args["state"])
+                    value = self._hits() if op == "call" else value
+                elif op == "acc":
+                    value = self._hits()
+                elif op == "logits":
+                    if self.images.shape[0]:
+                        rows = Evaluator.logits(self, header["project"])
+                    else:
+                        rows = self._forward(self._probe, header["project"]).float().cpu()[:0]
+        except Exception as e:  # noqa: BLE001 (reported through the status reduction below)
+            error = e
+            if self.rank:
+                print(
+                    f"mmsoup.distributed rank {self.rank}: {type(e).__name__}: {e}", file=sys.stderr
+                )
+        comm = _comm_device(self.device)
+        status = torch.stack(
+            [value.to(comm, torch.long), torch.tensor(int(error is not None), device=comm)]
+        )
+        dist.all_reduce(status)  # correct counts and error flags of every rank
+        hits, failed = int(status[0]), int(status[1])
+        if failed:
+            if error is not None and self.rank == 0:
+                raise error
+            if self.rank == 0:
+                raise MMSoupError(f"{failed} worker rank(s) failed on {op!r}; see their stderr.")
+            return None
+        if op == "logits":
+            return self._gather_rows(rows)
+        return hits / self._total if op in ("mix", "call", "acc") else None
+
+    def _gather_rows(self, rows: Tensor) -> Tensor:
+        """Concatenate every rank's (n_r, C) rows in rank order (all_gather of padded blocks)."""
+        comm, width = _comm_device(self.device), rows.shape[1:]
+        pad = max(self._shard_sizes)
+        block = torch.zeros((pad, *width), dtype=rows.dtype, device=comm)
+        block[: rows.shape[0]] = rows.to(comm)
+        parts = [torch.empty_like(block) for _ in range(self.world)]
+        dist.all_gather(parts, block)
+        return torch.cat([p[:n].cpu() for p, n in zip(parts, self._shard_sizes)])
+
+
+def serve() -> None:
+    """Worker ranks: execute rank 0's commands until it says stop."""
+    while True:
+        header = _bcast_object()
+        if header["op"] == "stop":
+            return
+        _EVALUATORS[header["ev"]]._handle(header, None)
+
+
+def run_on_rank0(fn: Callable[[], T]) -> T | None:
+    """Run fn on rank 0 while the other ranks serve its evaluations; None on the workers."""
+    rank, world = _world()
+    if world == 1:
+        return fn()
+    if rank != 0:
+        serve()
+        return None
+    try:
+        return fn()
+    finally:
+        _bcast_object({"op": "stop"})
+
+
+# -- entry point: one soup under torchrun ----------------------------------------------------
+def _tensors(profile: str, name: str, npz: Path | None):
+    """(images, labels, preprocess, projection) of a profile's set, or of an .npz (images, labels)."""
+    import numpy as np
+
+    from mmsoup.data import digits
+    from mmsoup.profiles import get_profile
+
+    if npz is not None or get_profile(profile).dataset == "digits":
+        if npz is not None:
+            with np.load(npz) as f:
+                images, labels = f["images"], f["labels"]
+        else:
+            images, labels = digits.load(name)
+        x = digits.to_tensor(images) if images.ndim == 3 else torch.as_tensor(images)
+        return x, torch.as_tensor(labels), None, None
+    from mmsoup.data.cache import build_cache, normalizer  # the paper profile, as in the pipeline
+    from mmsoup.data.imagenet import load_dataset
+
+    cache = build_cache(load_dataset("ImageNet2p" if name == "heldout" else name))
+    x = torch.from_numpy(np.asarray(cache.images))
+    return x, torch.from_numpy(np.asarray(cache.labels)), normalizer(), cache.projection
+
+
+def _pool(items: Sequence[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = item.glob("model_*.safetensors")
+            paths += sorted(found, key=lambda p: int(p.stem.split("_")[1]))
+        else:
+            paths.append(item)
+    if not paths:
+        raise MMSoupError(
+            f"No checkpoints in {list(items)}; pass files or a folder of model_*.safetensors."
+        )
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of `python -m mmsoup.distributed` (also usable as a CLI subcommand)."""
+    ap = argparse.ArgumentParser(
+        description="One soup with evaluation sharded over torchrun ranks."
+    )
+    ap.add_argument("--ingredients", nargs="+", required=True, help="checkpoints or folders")
+    ap.add_argument("--recipe", choices=("mms", "greedy", "uniform"), default="mms")
+    ap.add_argument("--scheme", default="C26+live", help="partition scheme for MMS")
+    ap.add_argument("--budget", type=int, default=250)
+    ap.add_argument("--tau", type=float, default=0.998)
+    ap.add_argument("--optimizer", default="NGOpt")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant", default="paper", choices=("paper", "author"))
+    ap.add_argument("--profile", default="embedded")
+    ap.add_argument("--heldout", type=Path, help=".npz with images/labels instead of the profile's")
+    ap.add_argument("--test", nargs="*", default=[], help="sets (or .npz) to score the soup on")
+    ap.add_argument("--batch-size", type=int, default=1000)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--backend", default=None, help="gloo / nccl (default: nccl with CUDA)")
+    ap.add_argument("--no-reuse", action="store_true", help="no prefix-activation reuse")
+    ap.add_argument("--cache-mb", type=float, default=512.0)
+    ap.add_argument("--out", type=Path, required=True, help="the soup (.safetensors), rank 0 only")
+    return ap
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Build the evaluators on every rank, the soup on rank 0; rank 0's summary, None elsewhere."""
+    from mmsoup.checkpoints import load_state_dict, save_state_dict
+    from mmsoup.models import create_classifier
+    from mmsoup.partition import partition
+    from mmsoup.profiles import get_profile
+    from mmsoup.soups import greedy_soup, manifold_mixing_soup, uniform_soup
+
+    rank, world = init(args.backend)
+    paths = _pool(args.ingredients)
+    first = load_state_dict(paths[0])
+    head = first["classification_head.weight"].shape[0]
+    model = create_classifier(get_profile(args.profile).arch, head)
+    opts = dict(device=args.device, batch_size=args.batch_size, reuse=not args.no_reuse)
+    opts |= {"cache_mb": args.cache_mb}
+    sets = {"heldout": _tensors(args.profile, "heldout", args.heldout)}
+    for name in args.test:
+        sets[name] = _tensors(args.profile, name, Path(name) if name.endswith(".npz") else None)
+    evs = {
+        name: DistributedEvaluator(model, x, y, name=name, preprocess=pre, projection=proj, **opts)
+        for name, (x, y, pre, proj) in sets.items()
+    }
+    ev = evs["heldout"]
+
+    def soup() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if args.recipe == "uniform":
+            state = uniform_soup(paths)
+            summary = {"val_acc": ev(state), "n_evals": 1}
+            save_state_dict(state, args.out, {"recipe": "uniform_soup", **summary})
+        else:
+            if args.recipe == "greedy":
+                res = greedy_soup(paths, ev, progress=False)
+            else:
+                comps = partition(first, args.scheme, model=ev.model)
+                kw = dict(
+                    tau=args.tau, budget=args.budget, optimizer=args.optimizer, seed=args.seed
+                )
+                res = manifold_mixing_soup(
+                    paths, ev, comps, variant=args.variant, progress=False, **kw
+                )
+            state, summary = res.state_dict, {"val_acc": res.val_acc, "n_evals": res.n_evals}
+            summary["ingredients"] = res.ingredients
+            res.save(args.out)
+        summary |= {name: e(state) for name, e in evs.items() if name != "heldout"}
+        return summary | {
+            "recipe": args.recipe,
+            "world": world,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    return run_on_rank0(soup)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m mmsoup.distributed ...` (under torchrun or alone): print rank 0's summary as JSON."""
+    summary = run(build_parser().parse_args(argv))
+    if summary is not None:
+        print(json.dumps(summary))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
