@@ -348,3 +348,15 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     for name, seconds in times.items():
         _log(f"{name:<22} {seconds:7.0f} s  ({seconds / total:5.1%})")
     _log(f"{'total':<22} {total:7.0f} s; figures and tables in {args.out}")
+
+
+@command(
+    "distributed",
+    "a soup with the held-out set sharded over ranks (run under torchrun; see README)",
+    arg("rest", nargs=argparse.REMAINDER, help="arguments of mmsoup.distributed (--help there)"),
+)
+def cmd_distributed(args: argparse.Namespace) -> int | None:
+    """Forward to `python -m mmsoup.distributed` (torch.distributed; issue 6)."""
+    from mmsoup.distributed import main as distributed_main
+
+    return distributed_main(args.rest)

@@ -1,0 +1,53 @@
+"""Every notebook runs headlessly under the smoke profile (papermill), and the runner's errors are clear."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mmsoup.errors import MMSoupError
+from mmsoup.reproduce import PIPELINE, reproduce, run_notebook
+
+
+def test_notebooks_01_to_05_write_figure2_and_table1(smoke_run):
+    figures = smoke_run / "figures"
+    for name in ("figure2.png", "figure2.pdf", "table1.csv", "table1.md", "table1.tex"):
+        assert (figures / name).stat().st_size > 500, name
+    table = pd.read_csv(figures / "table1.csv", index_col=0)
+    for row in ("Best individual", "Uniform soup", "Greedy soup", "MMS-C8", "MMS-C15", "MMS-C26"):
+        assert row in table.index
+    assert "Avg OOD" in table.columns and len(table.columns) >= 7
+    executed = [smoke_run / "notebooks" / f"{n}.ipynb" for n in PIPELINE]
+    assert all(p.is_file() for p in executed)
+
+
+def test_notebook_06_runs_headless_and_reports_readouts(smoke_run, tmp_path):
+    out = run_notebook(
+        "06_lambda_explorer",
+        {"profile": "smoke", "run_dir": str(smoke_run), "interactive": False},
+        tmp_path,
+        stream=False,
+    )
+    assert "heldout" in out.read_text()  # the readouts table was displayed
+
+
+def test_an_unknown_notebook_parameter_is_refused_before_running(tmp_path):
+    with pytest.raises(MMSoupError, match="has no parameter 'budjet'"):
+        run_notebook("02_soups", {"budjet": 3}, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_unknown_profile_is_refused_before_running(tmp_path):
+    with pytest.raises(MMSoupError, match="Unknown profile 'tiny'"):
+        reproduce("tiny", out=tmp_path, run_dir=tmp_path / "run")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failing_cell_names_the_notebook_and_cell(tmp_path):
+    with pytest.raises(MMSoupError, match=r"Notebook 03_ood_evaluation failed in cell \d+"):
+        run_notebook(
+            "03_ood_evaluation",
+            {"profile": "smoke", "run_dir": str(tmp_path / "empty"), "interactive": False},
+            tmp_path / "out",
+            stream=False,
+        )
