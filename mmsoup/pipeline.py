@@ -70,7 +70,16 @@ def finetune_stage(
     from mmsoup.sweep import profile_configs, run_sweep, summary, write_sweep
 
     start = time.perf_counter()
-    _, lp = prepare(profile)
+    from mmsoup.progress import tqdm
+
+    with tqdm(desc="pretrain backbone", unit="step") as bar:
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            bar.total = total
+            bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+            bar.update(step + 1 - bar.n)
+
+        _, lp = prepare(profile, on_step=on_step)  # cached: no steps when already pretrained
     sweep_file = write_sweep(profile_configs(profile), run_dir / "sweep", lp, profile=profile)
     run_sweep(sweep_file, jobs=jobs or prof.jobs)
     _record_time(run_dir, "finetune", time.perf_counter() - start)
