@@ -67,6 +67,19 @@ def test_a_corrupt_cache_file_is_rebuilt(built, tmp_path):
     assert np.array_equal(images, digits.load("heldout")[0])
 
 
+def test_a_build_that_misses_the_manifest_is_one_clear_error(built, tmp_path, monkeypatch):
+    # a fresh build whose bytes differ from the manifest (other library versions) must not be used
+    sets = {}
+    for name, path in built.items():
+        with np.load(path) as f:
+            sets[name] = (f["images"], f["labels"])
+    expected = {**digits.expected_sha256(), "heldout": "0" * 64}
+    monkeypatch.setattr(digits, "_build", lambda: sets)  # the real bytes, without the 30 s build
+    monkeypatch.setattr(digits, "expected_sha256", lambda: expected)
+    with pytest.raises(MMSoupError, match="'heldout'.*library versions"):
+        digits.build_all(tmp_path, progress=False)
+
+
 def test_pretraining_fonts_are_disjoint_from_rendition_fonts():
     pretrain, renditions = digits.font_split()
     assert len(pretrain) >= 10 and len(renditions) >= 10
