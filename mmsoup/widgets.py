@@ -50,6 +50,7 @@ class LambdaExplorer:
         self.lambdas = list(self.lambda_star)
         self.n_updates = 0
         self._accuracies = self._evaluate()
+        self._star_accuracies = dict(self._accuracies)  # the readouts at λ*, for the Δ line
         self._panel = None
 
     def _evaluate(self) -> dict[str, float]:
@@ -98,8 +99,8 @@ class LambdaExplorer:
     def _build(self) -> None:
         import ipywidgets as w
 
-        layout = w.Layout(width="420px")
-        style = {"description_width": "190px"}
+        layout = w.Layout(width="440px")
+        style = {"description_width": "210px"}
         self._sliders = []
         for name, value in zip(self.components, self.lambdas):
             s = w.FloatSlider(
@@ -108,29 +109,44 @@ class LambdaExplorer:
                 max=1.0,
                 step=0.01,
                 description=_short(name),
+                tooltip=name,  # the full component name, should a long label be cut
                 continuous_update=False,
                 readout_format=".2f",
                 layout=layout,
                 style=style,
             )
+            s.add_class("mmsoup-slider")
             s.observe(self._on_slider, names="value")
             self._sliders.append(s)
         self._readout = w.HTML()
-        self._reset = w.Button(description="reset to λ*", icon="undo", button_style="info")
+        self._readout.add_class("mmsoup-readout")
+        self._reset = w.Button(
+            description="reset to λ*",
+            icon="undo",
+            button_style="info",
+            tooltip="put every slider back at the λ* that manifold mixing found",
+            layout=w.Layout(margin="8px 0 0 218px"),
+        )
+        self._reset.add_class("mmsoup-reset")
         self._reset.on_click(lambda _: self.reset())
-        self._bars = w.Output()
+        self._bars = w.Output(layout=w.Layout(margin="0 0 0 16px"))
         with self._bars:
             _plot_lambda_star(self.components, self.lambda_star)
         header = w.HTML(
             f"<b>λ = 1</b>: all of <i>{self.names[0]}</i> &nbsp;·&nbsp; "
-            f"<b>λ = 0</b>: all of <i>{self.names[1]}</i>"
+            f"<b>λ = 0</b>: all of <i>{self.names[1]}</i> &nbsp;·&nbsp; "
+            "accuracies recompute when a slider is released"
         )
         self._panel = w.VBox(
             [
                 header,
-                w.HBox([w.VBox(self._sliders + [self._reset]), self._bars]),
                 self._readout,
-            ]
+                w.HBox(
+                    [w.VBox(self._sliders + [self._reset]), self._bars],
+                    layout=w.Layout(align_items="flex-start"),
+                ),
+            ],
+            layout=w.Layout(padding="4px"),
         )
         self._panel.add_class("mmsoup-lambda-explorer")
         self._sync_widgets()
@@ -152,12 +168,33 @@ class LambdaExplorer:
         self._render_readouts()
 
     def _render_readouts(self) -> None:
-        cells = "".join(
-            f"<td style='padding:2px 10px'><span class='mmsoup-set'>{name}</span><br>"
-            f"<b class='mmsoup-acc' data-set='{name}'>{acc:.2f}%</b></td>"
-            for name, acc in self._accuracies.items()
+        """Top-1 per set (%), and beneath it the change from the readouts at λ*."""
+        head, accs, deltas = [f"<th style='{_TH}'></th>"], [_label("top-1")], [_label("Δ vs λ*")]
+        for name, acc in self._accuracies.items():
+            delta = acc - self._star_accuracies.get(name, acc)
+            color = "#2a7a2a" if delta > 0.005 else "#b03a2e" if delta < -0.005 else "#888"
+            head.append(f"<th class='mmsoup-set' style='{_TH}'>{name}</th>")
+            accs.append(
+                f"<td style='{_TD}'><b class='mmsoup-acc' data-set='{name}'>{acc:.2f}%</b></td>"
+            )
+            deltas.append(
+                f"<td style='{_TD};font-size:0.85em;color:{color}'>"
+                f"<span class='mmsoup-delta' data-set='{name}'>{delta:+.2f}</span></td>"
+            )
+        rows = "".join(f"<tr>{''.join(r)}</tr>" for r in (head, accs, deltas))
+        self._readout.value = (
+            f"<table class='mmsoup-readouts' data-update='{self.n_updates}' "
+            f"style='border-collapse:collapse;margin:6px 0 10px 0'>{rows}</table>"
         )
-        self._readout.value = f"<table class='mmsoup-readouts'><tr>{cells}</tr></table>"
+
+
+_TH = "padding:2px 12px;font-weight:normal;color:#555;border-bottom:1px solid #ccc;text-align:right"
+_TD = "padding:2px 12px;text-align:right"
+
+
+def _label(text: str) -> str:
+    """A row label of the readout table."""
+    return f"<td style='{_TD};text-align:left;color:#555'>{text}</td>"
 
 
 def _short(name: str) -> str:
@@ -172,12 +209,16 @@ def _plot_lambda_star(
     import matplotlib.pyplot as plt
 
     names = [_short(n) for n in components]
-    fig, ax = plt.subplots(figsize=(3.6, 0.28 * len(names) + 0.9))
-    ax.barh(range(len(names)), lambda_star, color="#4c72b0")
+    fig, ax = plt.subplots(figsize=(3.4, 0.32 * len(names) + 0.8), dpi=100)
+    ax.barh(range(len(names)), lambda_star, color="#4c72b0", height=0.6)
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("λ* found by manifold mixing")
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0", "", "0.5", "", "1"], fontsize=8)
+    ax.grid(axis="x", color="#ddd", linewidth=0.6)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title("λ* found by manifold mixing", fontsize=9)
     fig.tight_layout()
     plt.show()
 
