@@ -381,7 +381,7 @@ def figure2_stage(
 
     acc, _ = report.load_results(run_dir)
     reference = report.PAPER_TABLE1 if get_profile(profile).dataset == "imagenet" else None
-    title = f"{get_profile(profile).description}"
+    title = f"mmsoup, {profile} profile"
     return report.figure2(
         acc, id_set(profile), shifts(profile), figures_dir, reference=reference, title=title
     )
