@@ -60,6 +60,13 @@ class LambdaExplorer:
         self.n_updates += 1
         return {name: 100.0 * ev.accuracy() for name, ev in self.evaluators.items()}
 
+    @classmethod
+    def from_run(
+        cls, run_dir, profile: str = "embedded", method: str = "MMS-C15"
+    ) -> LambdaExplorer:
+        """An explorer over an MMS soup of a run folder (notebook 06); see `from_run`."""
+        return from_run(run_dir, profile, method)
+
     def set_lambdas(self, lambdas: Sequence[float]) -> dict[str, float]:
         """Set every λ (as releasing the sliders would) and return the new accuracies (%)."""
         if len(lambdas) != len(self.components):
@@ -291,6 +298,3 @@ def from_run(run_dir, profile: str = "embedded", method: str = "MMS-C15") -> Lam
         f"model_{name_b}",
     )
     return LambdaExplorer(a, b, components, ctx.evaluators, lambda_star=lam, names=names)
-
-
-LambdaExplorer.from_run = staticmethod(from_run)
