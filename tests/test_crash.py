@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from toy_mlp import COMPS
+from toy_mlp import mlp as _mlp
+from toy_mlp import train as _train
 
 from mmsoup import resume
 from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
@@ -28,27 +30,9 @@ from mmsoup.evaluate import Evaluator
 from mmsoup.soups import manifold_mixing_soup
 
 pytestmark = pytest.mark.filterwarnings("ignore:COBYLA. Invalid:UserWarning")
-COMPS = {"fc1.w": ["0.weight"], "fc1.b": ["0.bias"], "fc2.w": ["2.weight"]}  # 2.bias uncovered
 # ties accepted and τ = 0.95: on 300 held-out digits the run then accepts, rejects and skips
 KW = dict(budget=30, seed=1, tau=0.95, accept_ties=True, progress=False)
 RUNS = [(0.05, 30, 1), (0.1, 25, 2), (0.03, 45, 3), (0.08, 30, 4), (0.05, 20, 5)]  # lr, steps, seed
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-
-def _train(model: nn.Module, x, y, seed: int, lr: float, steps: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (32,), generator=g)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from torch import nn
+from toy_mlp import COMPS
+from toy_mlp import mlp as _mlp
+from toy_mlp import train as _train
 
 from mmsoup.checkpoints import read_sidecar, save_state_dict
 from mmsoup.errors import MMSoupError
@@ -24,24 +26,6 @@ from mmsoup.soups import (
 
 # nevergrad's COBYLA thread warns about its own settings after a test's filters are restored
 pytestmark = pytest.mark.filterwarnings("ignore:COBYLA. Invalid:UserWarning")
-COMPS = {"fc1.w": ["0.weight"], "fc1.b": ["0.bias"], "fc2.w": ["2.weight"]}  # 2.bias uncovered
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-
-def _train(model: nn.Module, x, y, seed: int, lr: float, steps: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (32,), generator=g)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
