@@ -65,7 +65,7 @@ def finetune_stage(
     prof = get_profile(profile)
     run_dir = Path(run_dir)
     if prof.search == "released":
-        return _released_pool(run_dir)
+        return _released_pool(profile)
     from mmsoup.pretrain import prepare
     from mmsoup.sweep import profile_configs, run_sweep, summary, write_sweep
 
@@ -89,27 +89,50 @@ def finetune_stage(
     return pd.concat([pd.DataFrame([init]), runs], ignore_index=True)
 
 
-def _released_pool(run_dir: Path) -> pd.DataFrame:
-    """The paper profile does not fine-tune: it checks the 72 released checkpoints are present."""
+def _released_pool(profile: str) -> pd.DataFrame:
+    """The paper profile does not fine-tune: it checks the released checkpoints it uses are present."""
     from mmsoup.data.manifest import verify
 
+    n = get_profile(profile).n_runs + 1
     table = verify("paper")
-    models = table[table["name"].str.match(r"model_\d+$")]
+    models = table[table["name"].isin([f"model_{i}" for i in range(n)])]
     missing = models[models["status"] != "present"]
     if len(missing):
         raise MMSoupError(
-            f"{len(missing)} of the 72 released checkpoints are missing (e.g. {missing.iloc[0]['name']}); "
-            "run `python -m mmsoup data fetch 'model_*'`."
+            f"{len(missing)} of the {n} released checkpoints this profile uses are missing "
+            f"(e.g. {missing.iloc[0]['name']}); run `python -m mmsoup data fetch 'model_*'`."
         )
-    return models[["name", "path"]].reset_index(drop=True)
+    pool = models[["name", "path"]].reset_index(drop=True)
+    return pool.merge(_released_hparams(), on="name", how="left")
+
+
+def _released_hparams() -> pd.DataFrame:
+    """Soups' hparam_info.json and held-out (ImageNet2p) accuracies of the released models, when fetched."""
+    from mmsoup.data.manifest import artifact_path
+
+    table = pd.DataFrame({"name": pd.Series(dtype=str)})
+    hparams, results = artifact_path("hparam_info"), artifact_path("individual_model_results")
+    if hparams.is_file():
+        info = json.loads(hparams.read_text())
+        rows = [{"name": k, **v} for k, v in info.items()]
+        table = pd.DataFrame(rows).rename(columns={"aug": "augment"})
+        table.loc[table["name"] == "model_0", "augment"] = "LP init"
+        table = table.drop(columns=["info"], errors="ignore")
+    if results.is_file():
+        lines = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+        accs = pd.DataFrame({"name": [r["model_name"] for r in lines]})
+        accs["val_acc"] = [r.get("ImageNet2p") for r in lines]  # Soups' number, not ours
+        table = table.merge(accs, on="name", how="outer")
+    return table
 
 
 def ingredient_paths(profile: str, run_dir: str | os.PathLike) -> list[Path]:
     """The soup's pool, model_0 (the LP init, as in Soups) first, then model_1..model_n."""
-    if get_profile(profile).search == "released":
+    prof = get_profile(profile)
+    if prof.search == "released":  # model_0..model_71, or the first n_runs + 1 of them
         from mmsoup.data.manifest import artifact_path
 
-        return [artifact_path(f"model_{i}") for i in range(72)]
+        return [artifact_path(f"model_{i}") for i in range(prof.n_runs + 1)]
     folder = Path(run_dir) / "sweep"
     paths = sorted(folder.glob("model_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
     if len(paths) < 2:
@@ -161,7 +184,8 @@ def context(profile: str, device: str | None = None) -> Context:
             ("heldout", "ImageNet2p"),
             *[(s, s) for s in ("ImageNet", *shifts(profile))],
         ):
-            cache = build_cache(load_dataset(dataset))
+            split = {"per_class": prof.heldout_per_class} if dataset == "ImageNet2p" else {}
+            cache = build_cache(load_dataset(dataset, **split))
             sets[name] = (
                 torch.from_numpy(np.asarray(cache.images)),
                 torch.from_numpy(np.asarray(cache.labels)),
@@ -379,11 +403,32 @@ def figure2_stage(
     """MMS Fig. 2 from run_dir/results (paper profile: the papers' values beside ours)."""
     from mmsoup import report
 
-    acc, _ = report.load_results(run_dir)
-    reference = report.PAPER_TABLE1 if get_profile(profile).dataset == "imagenet" else None
+    paper = get_profile(profile).dataset == "imagenet"
     title = f"mmsoup, {profile} profile"
+    if paper and not (Path(run_dir) / "results" / "accuracy.csv").is_file():
+        acc, title = _soups_released_results(), "Soups' released per-model results (no run here)"
+    else:
+        acc, _ = report.load_results(run_dir)
+    reference = report.PAPER_TABLE1 if paper else None
     return report.figure2(
         acc, id_set(profile), shifts(profile), figures_dir, reference=reference, title=title
+    )
+
+
+def _soups_released_results() -> pd.DataFrame:
+    """Soups' individual_model_results.jsonl (+ soup files when fetched): Figure 2 without data or GPU."""
+    from mmsoup import report
+    from mmsoup.data.manifest import artifact_path
+
+    per_model = artifact_path("individual_model_results")
+    if not per_model.is_file():
+        raise MMSoupError(
+            "There are no results in the run folder and no Soups per-model results file; run notebook 03 "
+            "or `python -m mmsoup data fetch individual_model_results`."
+        )
+    extra = {k: artifact_path(f"{k}_results") for k in ("uniform_soup", "greedy_soup")}
+    return report.read_soups_individual_results(
+        per_model, **{k: v for k, v in extra.items() if v.is_file()}
     )
 
 
@@ -405,7 +450,20 @@ def plot_sweep(runs: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ft = runs.dropna(subset=["lr"]) if "lr" in runs else runs.iloc[0:0]
+    if "val_acc" not in runs or "lr" not in runs:  # released pool without Soups' files fetched
+        ax.text(
+            0.5,
+            0.5,
+            "no learning rates or held-out accuracies to plot yet\n"
+            "(paper profile: `mmsoup data fetch hparam_info individual_model_results`)",
+            ha="center",
+            va="center",
+            fontsize=8,
+            transform=ax.transAxes,
+        )
+        ax.set_axis_off()
+        return fig
+    ft = runs.dropna(subset=["lr", "val_acc"])
     ax.scatter(ft["lr"], 100 * ft["val_acc"], c="#4c72b0", label="fine-tuned runs")
     for _, r in ft.iterrows():
         ax.annotate(

@@ -11,7 +11,7 @@ A profile only holds plain values; `mmsoup.pretrain` and `mmsoup.sweep` turn the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -48,6 +48,8 @@ class Profile:
     # Nevergrad evaluations per MMS candidate. The paper spends ~250; the embedded default spends
     # fewer so the whole study fits 15 minutes on 2 CPU cores (one evaluation: ~0.5 s there).
     mms_budget: int = 250
+    # Images per class held out of ImageNet train when Soups' mask file is absent (paper profile).
+    heldout_per_class: int = 26
 
 
 PROFILES: MappingProxyType[str, Profile] = MappingProxyType(
@@ -100,9 +102,33 @@ PROFILES: MappingProxyType[str, Profile] = MappingProxyType(
 DEFAULT_PROFILE = "embedded"
 
 
-def get_profile(name: str) -> Profile:
-    """The profile called `name`; an unknown name is an MMSoupError listing the valid ones."""
+# Integer fields a profile spec may override: `paper:n_runs=3,mms_budget=8` is the paper profile
+# on model_0..model_3 with 8 evaluations per MMS candidate (a first look before the full run).
+OVERRIDABLE = ("n_runs", "mms_budget", "heldout_per_class", "jobs", "threads", "search_seed")
+
+
+def get_profile(spec: str) -> Profile:
+    """The profile `spec` names: `NAME` or `NAME:FIELD=INT,...` with fields from OVERRIDABLE.
+
+    An unknown name, field or a value that is not a positive integer is one MMSoupError sentence.
+    """
+    name, _, overrides = spec.partition(":")
     try:
-        return PROFILES[name]
+        prof = PROFILES[name]
     except KeyError:
         raise MMSoupError(f"Unknown profile {name!r}; pick one of {', '.join(PROFILES)}.") from None
+    changes: dict[str, int] = {}
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        if key not in OVERRIDABLE:
+            raise MMSoupError(
+                f"Profile {spec!r}: {key!r} cannot be overridden; use one of {', '.join(OVERRIDABLE)}."
+            )
+        if not value.isdigit() or int(value) < (0 if key == "search_seed" else 1):
+            raise MMSoupError(f"Profile {spec!r}: {key} must be a positive integer, not {value!r}.")
+        changes[key] = int(value)
+    if name == "paper" and changes.get("n_runs", 0) > prof.n_runs:
+        raise MMSoupError(
+            f"Profile {spec!r}: Soups released model_0..model_{prof.n_runs}, no more."
+        )
+    return replace(prof, name=spec, **changes) if changes else prof

@@ -177,9 +177,9 @@ class Sweep:
 
     def threads(self) -> int | None:
         """Threads per run of this sweep's profile (None: torch's default; see Profile.threads)."""
-        from mmsoup.profiles import PROFILES
+        from mmsoup.profiles import get_profile
 
-        return PROFILES[self.profile].threads if self.profile in PROFILES else None
+        return get_profile(self.profile).threads if self.profile else None
 
     def checkpoint(self, k: int) -> Path:
         """Checkpoint path of run k (1-based, as model_k)."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+from paper_standins import WNIDS, images, make_data_root
 from PIL import Image
 
 from mmsoup.checkpoints import load_state_dict
@@ -17,55 +17,17 @@ from mmsoup.data.imagenet import (
     FolderDataset,
     held_out_mask,
     imagenet_splits,
-    imagenet_wnids,
     load_dataset,
 )
-from mmsoup.data.manifest import artifact_path
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import ClassGroups, ClassSubset, Evaluator
 from mmsoup.models import PAPER_ARCH, create_classifier
-
-WNIDS = imagenet_wnids()
-
-
-def _images(folder: Path, n: int, suffix: str = ".JPEG", seed: int = 0, size=(40, 30)) -> None:
-    """`n` real image files (random pixels, landscape and portrait) in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        w, h = size if i % 2 == 0 else size[::-1]
-        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"img_{seed}_{i}{suffix}")
-
-
-def _wnid_tree(root: Path, indices: list[int], n: int = 2, suffix: str = ".JPEG") -> None:
-    for k in indices:
-        _images(root / WNIDS[k], n, suffix, seed=k)
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root with every paper dataset in its published layout (a few images per class)."""
-    root = tmp_path_factory.mktemp("data")
-    _wnid_tree(artifact_path("imagenet-train", root), [0, 1, 2], n=5)
-    _wnid_tree(artifact_path("imagenet-val", root), [999, 0, 5])
-    _wnid_tree(artifact_path("imagenet-sketch", root), [7, 3])
-    for k in (10, 2, 0):  # V2: folders named by class index, .jpeg files
-        _images(artifact_path("imagenetv2-matched-frequency", root) / str(k), 2, ".jpeg", seed=k)
-    _wnid_tree(artifact_path("imagenet-r", root), [100, 3, 7], suffix=".jpg")
-    (artifact_path("imagenet-r", root) / "README.txt").write_text("not a class")  # as in the tar
-    _wnid_tree(artifact_path("imagenet-a", root), [6, 11], n=1, suffix=".jpg")
-    objectnet = artifact_path("objectnet-1.0", root)
-    (objectnet / "mappings").mkdir(parents=True)
-    (objectnet / "mappings" / "folder_to_objectnet_label.json").write_text(
-        json.dumps({"alarm_clock": "Alarm clock", "banana": "Banana", "squeegee": "Squeegee"})
-    )
-    (objectnet / "mappings" / "objectnet_to_imagenet_1k.json").write_text(
-        json.dumps({"Alarm clock": "analog clock; digital clock", "Banana": "banana"})
-    )
-    for folder in ("alarm_clock", "banana", "squeegee"):  # squeegee has no ImageNet class
-        _images(objectnet / "images" / folder, 2, ".png", seed=len(folder))
-    return root
+    return make_data_root(tmp_path_factory.mktemp("data"))
 
 
 def test_imagenet_labels_follow_sorted_wnids(data_root: Path) -> None:
@@ -93,7 +55,7 @@ def test_200_class_restriction_comes_from_the_folders(data_root: Path, name: str
 
 
 def test_unknown_folders_are_refused(tmp_path: Path) -> None:
-    _images(tmp_path / "imagenet-r" / "not_a_wnid", 1)
+    images(tmp_path / "imagenet-r" / "not_a_wnid", 1)
     with pytest.raises(MMSoupError, match="not ImageNet-1k wnids"):
         load_dataset("ImageNetR", tmp_path)
     with pytest.raises(MMSoupError, match="data verify"):
