@@ -75,7 +75,8 @@ def main() -> None:
         k: v.to(dev) for k, v in create_classifier(PAPER_ARCH, 1000, seed=1).state_dict().items()
     }
     comps = partition(base.state_dict(), "C26+live", model=base)
-    base_sd = {k: v.to(dev) for k, v in base.state_dict().items()}
+    # a copy: on CPU `.to(dev)` would alias the live weights that every evaluation overwrites
+    base_sd = {k: v.to(dev, copy=True) for k, v in base.state_dict().items()}
     ev = Evaluator(
         base,
         images,

@@ -3,12 +3,12 @@
 1. `reference`: one MMS objective evaluation the way both papers' public code does it (rebuild the
    state dict, `load_state_dict`, iterate a torch DataLoader that decodes the held-out set from PNG
    files) against mmsoup's Evaluator (mix in place, cached tensors), interleaved, median.
-2. `reuse`: one whole MMS run (MMS Alg. 1, NGOpt, budget 250) on the embedded pool with and without
-   prefix-activation reuse: evaluations, stage runs, seconds; the two traces must be identical.
-   The reference approach's whole-run time is extrapolated: its per-evaluation cost x the run's
-   evaluation count (printed as such).
+2. `reuse`: one whole MMS run (MMS Alg. 1, NGOpt, budget 60 as in the embedded profile) measured
+   three ways on the same pool and batch size: the reference approach (a val_acc callable that
+   loads each rebuilt state dict and decodes the PNGs), mmsoup's Evaluator without and with
+   prefix-activation reuse (the two traces must be identical).
 
-    .venv/bin/python benchmarks/bench_scale.py [--pool /tmp/emb/sweep] [--budget 250] [--threads 2]
+    .venv/bin/python benchmarks/bench_scale.py [--pool RUN/sweep] [--budget 60] [--threads 1]
 
 Writes benchmarks/results/bench_scale.csv and bench_scale.md. Without a pool folder, a small pool
 of perturbed copies of one random tiny ViT stands in (said so in the results).
@@ -159,62 +159,62 @@ class _Clock:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def _mms(pool, ev: Evaluator, comps, budget: int, tau: float = 0.998) -> tuple:
-    """One MMS run; (result, wall s, CPU s, CPU s spent in each mixed evaluation)."""
-    per_eval: list[float] = []
-    mixed = ev.mixed_accuracy
+class ReferenceValAcc:
+    """The reference approach as a val_acc callable for `manifold_mixing_soup`: it receives the
+    rebuilt state dict Ψ'(λ) (soups.interpolate), loads it with `load_state_dict` and iterates a
+    DataLoader that decodes the held-out PNG files, every evaluation (both papers' public code)."""
 
-    def timed(*a):  # soups.py calls val_acc.mixed_accuracy: time each objective evaluation
-        c0 = time.process_time()
-        acc = mixed(*a)
-        per_eval.append(time.process_time() - c0)
-        return acc
+    def __init__(self, data: Dataset, loader_batch: int) -> None:
+        self.model, self.data, self.batch = create_classifier(seed=1).eval(), data, loader_batch
 
-    ev.mixed_accuracy = timed
-    clock = _Clock()
-    res = manifold_mixing_soup(pool, ev, comps, tau=tau, budget=budget, progress=False)
-    return (res, *clock.read(), per_eval)
+    def __call__(self, state) -> float:
+        self.model.load_state_dict(state)
+        hits = 0
+        with torch.no_grad():
+            for x, y in DataLoader(self.data, batch_size=self.batch, num_workers=0):
+                hits += int((self.model(x).argmax(-1) == y).sum())
+        return hits / len(self.data)
 
 
-def bench_reuse(pool, images, labels, scheme: str, budget: int, ab_budget: int, batch: int) -> dict:
-    """Whole MMS runs with and without prefix-activation reuse (MMS Alg. 1, NGOpt).
+def bench_whole_run(
+    pool, images, labels, scheme: str, budget: int, batch: int, loader_batch: int
+) -> dict:
+    """One whole MMS run (MMS Alg. 1, NGOpt, `budget` per candidate), measured three ways on the
+    same pool: the reference approach, mmsoup's Evaluator without and with prefix-activation reuse.
 
-    A/B: the first 4 models at `ab_budget`, run both ways, traces asserted identical. Whole run:
-    the full pool at `budget` with reuse, measured; without reuse extrapolated as the same run with
-    each mixed evaluation at the full-forward cost (median of interleaved plain evaluations).
+    The Evaluator runs must give identical traces (asserted); the reference run's trace is compared
+    and the number of differing accuracies reported (PNG decoding vs cached tensors).
     """
     model = create_classifier(seed=0)
     first = pool[0] if isinstance(pool[0], dict) else load_state_dict(pool[0])
     comps = partition(first, scheme, model=model)
     x, y = digits.to_tensor(images), torch.as_tensor(labels)
-    out = {"scheme": scheme, "components": len(comps), "budget": budget, "ab_budget": ab_budget}
+    out = {"scheme": scheme, "components": len(comps), "budget": budget, "batch": batch}
     traces = {}
-    for tag, reuse in (("reuse", True), ("plain", False)):
-        ev = Evaluator(model, x, y, device="cpu", batch_size=batch, reuse=reuse)
-        res, wall, cpu, _ = _mms(pool[:4], ev, comps, ab_budget, tau=0.0)  # all searched
-        traces[tag] = [(r["candidate"], r["lambdas"], r["acc"]) for r in res.trace]
-        out |= {f"ab_{tag}_wall_s": wall, f"ab_{tag}_cpu_s": cpu, "ab_n_evals": res.n_evals}
-        print("A/B", tag, out, flush=True)
+    with tempfile.TemporaryDirectory(prefix="mmsoup-png-") as tmp:
+        write_pngs(images, labels, Path(tmp))
+        runs = {
+            "reference": ReferenceValAcc(PngFolder(Path(tmp)), loader_batch),
+            "plain": Evaluator(model, x, y, device="cpu", batch_size=batch, reuse=False),
+            "reuse": Evaluator(model, x, y, device="cpu", batch_size=batch, reuse=True),
+        }
+        for tag, val_acc in runs.items():
+            clock = _Clock()
+            res = manifold_mixing_soup(pool, val_acc, comps, budget=budget, progress=False)
+            wall, cpu = clock.read()
+            traces[tag] = [(r["candidate"], r["lambdas"], r["acc"]) for r in res.trace]
+            out |= {f"{tag}_wall_s": wall, f"{tag}_cpu_s": cpu, f"{tag}_n_evals": res.n_evals}
+            out |= {f"{tag}_val_acc": res.val_acc, f"{tag}_mixed": len(res.ingredients)}
+            print(tag, {k: v for k, v in out.items() if k.startswith(tag)}, flush=True)
     if traces["reuse"] != traces["plain"]:
         raise SystemExit("activation reuse changed the MMS trace: a bug, please report it")
-    out["ab_speedup_cpu"] = out["ab_plain_cpu_s"] / out["ab_reuse_cpu_s"]
-    ev = Evaluator(model, x, y, device="cpu", batch_size=batch)
-    res, wall, cpu, per_eval = _mms(pool, ev, comps, budget)
-    stats = ev.reuse_stats
-    plain = Evaluator(model, x, y, device="cpu", batch_size=batch, reuse=False)
-    full = []
-    for _ in range(5):
-        c0 = time.process_time()
-        plain.accuracy()
-        full.append(time.process_time() - c0)
-    t_full = statistics.median(full)
-    plain_cpu = cpu - sum(per_eval) + len(per_eval) * t_full
-    out |= {"n_evals": res.n_evals, "mixed_evals": len(per_eval), "mixed": len(res.ingredients)}
-    out |= {"val_acc": res.val_acc, "reuse_wall_s": wall, "reuse_cpu_s": cpu}
-    out |= {"full_eval_cpu_s": t_full, "plain_cpu_s_extrapolated": plain_cpu}
-    out |= {"speedup_cpu": plain_cpu / cpu, "reused": stats["reused"]}
+    stats = runs["reuse"].reuse_stats
+    out["reused"] = stats["reused"]
     out["stage_fraction"] = stats["stage_runs"] / stats["stage_runs_full"]
-    out["eval_cost_fraction"] = sum(per_eval) / (len(per_eval) * t_full)
+    out["reference_trace_equal"] = traces["reference"] == traces["plain"]
+    out["speedup_reuse_vs_plain_cpu"] = out["plain_cpu_s"] / out["reuse_cpu_s"]
+    out["speedup_vs_reference_cpu"] = out["reference_cpu_s"] / out["reuse_cpu_s"]
+    out["speedup_vs_reference_wall"] = out["reference_wall_s"] / out["reuse_wall_s"]
     print("whole run", out, flush=True)
     return out
 
@@ -223,15 +223,16 @@ def main() -> None:
     """Run the benchmarks, print them, write CSV + Markdown under benchmarks/results/."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pool", type=Path, default=Path("/tmp/emb/sweep"))
-    ap.add_argument("--budget", type=int, default=250)
-    ap.add_argument("--ab-budget", type=int, default=30, help="budget of the measured A/B run")
+    ap.add_argument("--budget", type=int, default=60, help="per candidate (embedded profile: 60)")
     ap.add_argument("--schemes", default="C26+live", help="partitions of the whole-run benchmark")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
         "--loader-batch", type=int, default=256, help="the reference DataLoader's batch"
     )
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=1000, help="Evaluator batch (pipeline: 1000)")
+    ap.add_argument(
+        "--batch-size", type=int, default=256, help="Evaluator batch (pipeline, CPU: 256)"
+    )
     ap.add_argument("--only", default="reference,reuse")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -266,30 +267,35 @@ def main() -> None:
             "",
         ]
     for scheme in args.schemes.split(",") if "reuse" in args.only else []:
-        r = bench_reuse(pool, images, labels, scheme, args.budget, args.ab_budget, args.batch_size)
-        csv += [f"reuse,{scheme},{k},{v}" for k, v in r.items() if k != "scheme"]
+        r = bench_whole_run(
+            pool, images, labels, scheme, args.budget, args.batch_size, args.loader_batch
+        )
+        csv += [f"whole_run,{scheme},{k},{v}" for k, v in r.items() if k != "scheme"]
+        rows = [("reference approach", "reference"), ("mmsoup, no reuse", "plain")]
+        rows.append(("mmsoup (prefix-activation reuse)", "reuse"))
         md += [
-            f"## Prefix-activation reuse over whole MMS runs, {scheme} ({r['components']} components), NGOpt",
+            f"## One whole MMS run, {scheme} ({r['components']} components), NGOpt, budget {r['budget']}",
             "",
-            f"- A/B, first 4 models, τ=0 (every candidate searched), budget {r['ab_budget']}: {r['ab_n_evals']} evaluations; identical traces; "
-            f"CPU {r['ab_plain_cpu_s']:.1f} s without reuse, {r['ab_reuse_cpu_s']:.1f} s with: "
-            f"**{r['ab_speedup_cpu']:.2f}x**",
-            f"- whole run, all models, budget {r['budget']}: {r['n_evals']} evaluations ({r['mixed_evals']} of "
-            f"Ψ'(λ)), {r['mixed']} models mixed, held-out acc {r['val_acc']:.4f}; {r['reused']} evaluations "
-            f"restarted past the stem; stage runs {r['stage_fraction']:.3f} of full forwards, CPU per "
-            f"evaluation {r['eval_cost_fraction']:.3f} of a full one",
-            f"- CPU {r['reuse_cpu_s']:.0f} s with reuse (wall {r['reuse_wall_s']:.0f} s); without reuse "
-            f"{r['plain_cpu_s_extrapolated']:.0f} s (extrapolated: each Ψ'(λ) evaluation at the full-forward "
-            f"cost {r['full_eval_cpu_s']:.3f} s): **{r['speedup_cpu']:.2f}x**",
+            f"All three measured on the same pool, batch {r['batch']} everywhere. The two mmsoup runs "
+            f"have identical traces; the reference run's trace is "
+            f"{'identical' if r['reference_trace_equal'] else 'not identical (PNG decoding vs cached tensors)'}.",
+            "",
+            "| path | evaluations | models mixed | held-out acc | CPU s | wall s | speed-up (CPU) |",
+            "|---|---|---|---|---|---|---|",
         ]
-        if ref is not None:
-            extrap = ref["reference_s"] * r["n_evals"]
-            csv.append(f"reuse,{scheme},reference_extrapolated_s,{extrap}")
+        for label, tag in rows:
             md.append(
-                f"- reference approach, extrapolated ({r['n_evals']} evaluations x {ref['reference_s']:.3f} CPU s): "
-                f"{extrap:.0f} s vs mmsoup's {r['reuse_cpu_s']:.0f} CPU s: **{extrap / r['reuse_cpu_s']:.1f}x**"
+                f"| {label} | {r[tag + '_n_evals']} | {r[tag + '_mixed']} | {r[tag + '_val_acc']:.4f} | "
+                f"{r[tag + '_cpu_s']:.0f} | {r[tag + '_wall_s']:.0f} | "
+                f"{r['reference_cpu_s'] / r[tag + '_cpu_s']:.2f}x |"
             )
-        md.append("")
+        md += [
+            "",
+            f"Reuse restarted {r['reused']} evaluations past the stem; stage runs "
+            f"{r['stage_fraction']:.3f} of full forwards; reuse vs no reuse "
+            f"**{r['speedup_reuse_vs_plain_cpu']:.2f}x** CPU.",
+            "",
+        ]
     tag = "" if args.only == "reference,reuse" else "_" + args.only.replace(",", "_")
     write_text(args.out / f"bench_scale{tag}.csv", "\n".join(csv) + "\n")
     write_text(args.out / f"bench_scale{tag}.md", "\n".join(md) + "\n")

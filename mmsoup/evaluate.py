@@ -13,6 +13,7 @@ Logit ensembles (Soups §2) are scored here too: each member's held-out logits, 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -124,6 +125,7 @@ class _Plan:
         mixed = set(self.keys)  # keys outside every component take base's values
         self.rest = [k for k, t in params.items() if k not in mixed and t.is_floating_point()]
         self.rest_outs = [params[k] for k in self.rest]
+        self.live = {t.data_ptr() for t in self.outs + self.rest_outs}  # to refuse aliased inputs
 
 
 class Evaluator:
@@ -218,6 +220,26 @@ class Evaluator:
             hits += (self._forward(x).argmax(dim=-1) == y).sum()
         return hits
 
+    def _fitting(self, run: Callable[[], Tensor]) -> Tensor:
+        """Run a whole pass over the batches; out of device memory, halve the batch and rerun it
+        (the batch size is chosen to fit: issue 5). Counts restart, so results stay exact."""
+        while True:
+            try:
+                return run()
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise MMSoupError(
+                        f"One image does not fit in the memory of {self.device}; free the device "
+                        "or evaluate on a larger one."
+                    ) from None
+                self.batch_size //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                warnings.warn(
+                    f"Out of memory on {self.device}: evaluating in batches of {self.batch_size}.",
+                    stacklevel=3,
+                )
+
     def _mixed_hits(self) -> Tensor:
         """`_hits` through the prefix-activation cache when the model supports it (issue 6)."""
         if self._prefix is None:
@@ -225,7 +247,7 @@ class Evaluator:
 
             built = reuse.build(self, self.cache_mb * 2**20) if self.reuse else None
             self._prefix = built if built is not None else False
-        return self._prefix.hits(self) if self._prefix else self._hits()
+        return self._fitting(lambda: self._prefix.hits(self) if self._prefix else self._hits())
 
     @property
     def reuse_stats(self) -> dict[str, int]:
@@ -235,12 +257,14 @@ class Evaluator:
     @torch.inference_mode()
     def accuracy(self) -> float:
         """Top-1 accuracy of the current parameters on the held-out set."""
-        return self._hits().item() / self.n  # the one host sync per evaluation
+        return self._fitting(self._hits).item() / self.n  # the one host sync per evaluation
 
     @torch.inference_mode()
     def logits(self, project: bool = True) -> Tensor:
         """(N, C') logits of the current parameters, CPU float32 (raw (N, C) if project=False)."""
-        return torch.cat([self._forward(x, project).float().cpu() for x, _ in self._batches()])
+        return self._fitting(
+            lambda: torch.cat([self._forward(x, project).float().cpu() for x, _ in self._batches()])
+        )
 
     def _check_keys(self, state: StateDict) -> None:
         if state.keys() == self._float_keys:
@@ -284,10 +308,15 @@ class Evaluator:
             )
         self._check_keys(base)
         self._check_keys(other)
+        b, o = self._staged(base, plan.keys, plan.outs), self._staged(other, plan.keys, plan.outs)
+        if any(t.data_ptr() in plan.live for t in b + o):  # writing `other` would overwrite `base`
+            raise MMSoupError(
+                "base or other shares memory with the evaluator's live model (e.g. its own "
+                "state_dict()); pass copies, e.g. {k: v.clone() for k, v in state.items()}."
+            )
         if plan.keys:  # out = other + λ(base - other): torch.lerp's formula, two fused launches
-            torch._foreach_copy_(plan.outs, self._staged(other, plan.keys, plan.outs))
-            weights = [lambdas[j] for j in plan.owner]
-            torch._foreach_lerp_(plan.outs, self._staged(base, plan.keys, plan.outs), weights)
+            torch._foreach_copy_(plan.outs, o)
+            torch._foreach_lerp_(plan.outs, b, [lambdas[j] for j in plan.owner])
         if plan.rest:
             torch._foreach_copy_(plan.rest_outs, self._staged(base, plan.rest, plan.rest_outs))
 

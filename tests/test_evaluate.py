@@ -84,6 +84,20 @@ def test_mix_writes_in_place_into_the_one_live_model():
     assert all(torch.equal(v, a[k]) for k, v in model.state_dict().items())
 
 
+def test_mix_refuses_inputs_that_alias_the_live_model():
+    """Copying `other` in first would overwrite an aliased `base`: Ψ'(λ) = other for every λ."""
+    x, y = _data()
+    ev = Evaluator(_mlp(2), x, y, device="cpu")
+    live, other = ev.model.state_dict(), _mlp(1).state_dict()
+    before = {k: v.clone() for k, v in live.items()}
+    with pytest.raises(MMSoupError, match="shares memory with the evaluator's live model"):
+        ev.mixed_accuracy(live, other, {"all": list(other)}, [0.5])
+    assert all(torch.equal(v, before[k]) for k, v in live.items())  # nothing written
+    copy = {k: v.clone() for k, v in live.items()}
+    ev.mix(copy, other, {"all": list(other)}, [0.5])
+    assert torch.allclose(ev.model[0].weight, 0.5 * before["0.weight"] + 0.5 * other["0.weight"])
+
+
 def test_class_subset_projection_restricts_logits_and_labels_index_the_subset():
     x, _ = _data()
     subset = [7, 2, 5]
@@ -137,3 +151,44 @@ def test_mismatched_state_components_or_lambdas_raise_clear_errors():
         ev.mix(a, a, {"c": ["0.bias"], "d": ["0.bias"]}, [0.5, 0.5])
     with pytest.raises(MMSoupError, match="one per component"):
         ev.mix(a, a, {"c": ["0.bias"]}, [0.5, 0.5])
+
+
+class _Roomy(nn.Module):
+    """An MLP that runs out of 'device memory' on batches larger than `room` (as CUDA would)."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.net, self.room, self.sizes = _mlp(0), room, []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.room:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.net(x)
+
+
+def test_batch_size_is_lowered_until_it_fits_and_results_stay_exact():
+    x, y = _data(n=40)
+    reference = Evaluator(_Roomy(room=64), x, y, device="cpu", batch_size=40)
+    expected_acc, expected_logits = reference.accuracy(), reference.logits()
+    ev = Evaluator(_Roomy(room=8), x, y, device="cpu", batch_size=32)
+    with pytest.warns(UserWarning) as caught:
+        acc = ev.accuracy()
+    assert [str(w.message).split(": ")[1] for w in caught] == [
+        "evaluating in batches of 16.",
+        "evaluating in batches of 8.",
+    ]
+    assert ev.batch_size == 8 and acc == expected_acc
+    assert torch.allclose(ev.logits(), expected_logits, atol=1e-6)  # now fits at once
+    a, b = _mlp(1).state_dict(), _mlp(2).state_dict()
+    comps = {"all": [f"net.{k}" for k in a]}
+    a, b = ({f"net.{k}": v for k, v in sd.items()} for sd in (a, b))
+    mixed = Evaluator(_Roomy(room=8), x, y, device="cpu", batch_size=40)
+    with pytest.warns(UserWarning, match="batches of") as caught:
+        got = mixed.mixed_accuracy(a, b, comps, [0.3])
+    assert len(caught) == 3 and mixed.batch_size == 5  # 40 -> 20 -> 10 -> 5
+    assert got == reference.mixed_accuracy(a, b, comps, [0.3])
+    tiny = Evaluator(_Roomy(room=8), x[:4], y[:4], device="cpu", batch_size=1)
+    tiny.model.room = 0  # not even one image fits any more
+    with pytest.raises(MMSoupError, match="One image does not fit"):
+        tiny.accuracy()
