@@ -4,7 +4,7 @@ The same MMS run (embedded pool, C26+live, NGOpt, budget 60, batch 256, 1 thread
 without and with reuse, twice, printing evaluations, CPU and wall seconds and the reuse counters.
 Quoted in benchmarks/results/bench_scale.md ("Repeatability").
 
-    .venv/bin/python benchmarks/bench_reuse_ab.py [RUN/sweep]   # default: /tmp/cold/run/sweep
+    .venv/bin/python benchmarks/bench_reuse_ab.py [RUN/sweep]   # default: runs/embedded/sweep (make reproduce)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(1)
     images, labels = digits.load("heldout")
     x, y = digits.to_tensor(images), torch.as_tensor(labels)
-    pool, _ = pool_states(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/cold/run/sweep"))
+    pool, _ = pool_states(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/embedded/sweep"))
     model = create_classifier(seed=0)
     comps = partition(load_state_dict(pool[0]), "C26+live", model=model)
     for rep in range(2):

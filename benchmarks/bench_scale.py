@@ -222,7 +222,9 @@ def bench_whole_run(
 def main() -> None:
     """Run the benchmarks, print them, write CSV + Markdown under benchmarks/results/."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pool", type=Path, default=Path("/tmp/emb/sweep"))
+    ap.add_argument(
+        "--pool", type=Path, default=Path("runs/embedded/sweep"), help="make reproduce's pool"
+    )
     ap.add_argument("--budget", type=int, default=60, help="per candidate (embedded profile: 60)")
     ap.add_argument("--schemes", default="C26+live", help="partitions of the whole-run benchmark")
     ap.add_argument("--repeats", type=int, default=5)

@@ -143,6 +143,31 @@ def num_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of the current torch.distributed group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[tuple[int, int]]:
+    """(rank, world) for one run; under torchrun (WORLD_SIZE > 1) a gloo process group (the
+    fine-tuning runs on CPU) is set up for the run and torn down after it (issue 6: DDP)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        yield _rank_world()
+        return
+    dist.init_process_group("gloo")
+    try:
+        yield _rank_world()
+    finally:
+        dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (model, torchvision transforms), numpy (timm's Mixup draws) and random."""
     torch.manual_seed(seed)
@@ -189,15 +214,31 @@ def train(
     """Fine-tune `model` end to end in place on uint8 images (N, 28, 28) (Soups App. J.2.1).
 
     Deterministic for a fixed `config.seed` and thread count: every random draw (order, crops,
-    RandAugment, mixup) comes from generators seeded here.
+    RandAugment, mixup) comes from generators seeded here. Inside a torch.distributed group of K
+    processes (`torchrun`, see `process_group`) the model is wrapped in DistributedDataParallel and
+    each global batch of `config.batch_size` is split into K equal slices, one per rank, so the
+    averaged gradient is that of the whole batch; the order is shared, augmentation and mixup draws
+    are seeded per rank.
     """
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
     from mmsoup.data import digits
 
-    seed_everything(config.seed)
-    order_gen = torch.Generator().manual_seed(config.seed)
+    rank, world = _rank_world()
+    if config.batch_size % (2 * world):
+        raise MMSoupError(
+            f"batch_size {config.batch_size} does not split into {world} even per-rank batches; "
+            f"use a multiple of {2 * world} or fewer processes."
+        )
+    seed_everything(config.seed + rank)
+    order_gen = torch.Generator().manual_seed(config.seed)  # the same order on every rank
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # the CLIP leftovers outside the image tower (logit_scale, text embeddings) get no gradient
+        net = DistributedDataParallel(model, find_unused_parameters=True)
     n = len(labels)
     # drop the last partial batch (a different one each epoch): mixup needs even batches
     steps_per_epoch = n // config.batch_size
@@ -225,7 +266,7 @@ def train(
     for _ in range(config.epochs):
         perm = torch.randperm(n, generator=order_gen)
         for b in range(steps_per_epoch):
-            idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
+            idx = perm[b * config.batch_size : (b + 1) * config.batch_size].chunk(world)[rank]
             x = digits.to_tensor(_augment(transform, images[idx]))  # (B, 3, 28, 28) float
             y = labels[idx]
             if mixup is not None:
@@ -234,11 +275,11 @@ def train(
                 target = soft_targets(y, NUM_CLASSES, config.label_smoothing)
             for group in opt.param_groups:
                 group["lr"] = config.lr * lr_factor(step, total, warmup)
-            loss = loss_fn(model(x), target)
+            loss = loss_fn(net(x), target)  # DDP: gradients averaged over ranks in backward
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if on_step is not None:
+            if on_step is not None and rank == 0:
                 on_step(step, total, loss.item())
             step += 1
     model.eval()
@@ -259,7 +300,7 @@ def run_finetune(
 
     out = Path(out)
     start = time.perf_counter()
-    with num_threads(threads):
+    with num_threads(threads), process_group() as (rank, world):
         images, labels = digits.load("train", cache_dir=digits_cache(cache_dir))
         images, labels = torch.as_tensor(images), torch.as_tensor(labels)
         if config.train_images is not None:  # the split is ordered by class: subsample at random
@@ -274,21 +315,32 @@ def run_finetune(
         held_images, held_labels = digits.load("heldout", cache_dir=digits_cache(cache_dir))
         val_acc = accuracy(model, digits.to_tensor(held_images), torch.as_tensor(held_labels))
         used_threads = torch.get_num_threads()
-    meta = {
+        meta = _run_meta(config, init, name, val_acc, len(labels), train_time, start, used_threads)
+        meta["processes"] = world
+        if rank == 0:  # one writer; the others wait until the checkpoint exists
+            save_state_dict(model.state_dict(), out, meta)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+    return meta
+
+
+def _run_meta(config, init, name, val_acc, n_train, train_time, start, threads) -> dict[str, Any]:
+    """The sidecar of a fine-tuning run (hyper-parameters, held-out accuracy, provenance)."""
+    return {
         "kind": "finetune",
         "name": name or f"run-{config.key()}",
         "config": config.to_json(),
         "val_acc": val_acc,  # top-1 on the held-out split, a fraction
         "seed": config.seed,
-        "train_images": len(labels),
+        "train_images": n_train,
         "init": str(init),
         "init_sha256": file_sha256(init),
         "train_seconds": round(train_time, 2),
         "wall_seconds": round(time.perf_counter() - start, 2),
-        "threads": used_threads,
+        "threads": threads,
     }
-    save_state_dict(model.state_dict(), out, meta)
-    return meta
 
 
 def is_done(path: str | os.PathLike) -> bool:
