@@ -129,7 +129,13 @@ class _Plan:
         self.live = {t.data_ptr() for t in self.outs + self.rest_outs}  # to refuse aliased inputs
 
 
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+# glibc's own variables (the user chose) and mmsoup's opt-out: leave the allocator alone
+_MALLOC_ENV = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "GLIBC_TUNABLES",
+    "MMSOUP_MALLOC_DEFAULTS",
+)
 _malloc_tuned = False
 
 
@@ -139,9 +145,9 @@ def keep_freed_memory() -> bool:
     Every evaluation allocates and frees the same activation tensors; with glibc's defaults they are
     unmapped and page-faulted in again each time. Fixing the mmap threshold at its maximum (32 MB)
     and the trim threshold at 1 GiB made a tiny-ViT evaluation of 1,000 images 25 % faster on this
-    project's 2-core machine (1110 -> 834 ms median) and removed the cost of keeping prefix
-    activations (benchmarks/results/bench_core.md). Skipped when the user set glibc's own malloc
-    variables; returns whether the settings are in effect.
+    project's 2-core machine and removed the cost of keeping prefix activations
+    (benchmarks/bench_allocator.py). Skipped when the user set glibc's own malloc variables or
+    MMSOUP_MALLOC_DEFAULTS; returns whether the settings are in effect.
     """
     global _malloc_tuned
     if _malloc_tuned or any(k in os.environ for k in _MALLOC_ENV):
