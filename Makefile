@@ -29,6 +29,7 @@ clean:
 bench: setup
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_scale.py --threads 1 --batch-size 256
+	$(BIN)/python benchmarks/bench_allocator.py
 
 bench-gpu: setup
 	$(BIN)/python benchmarks/bench_gpu.py --device cuda
