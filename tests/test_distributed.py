@@ -1,13 +1,10 @@
 """Distributed evaluation (issue 6): 2 gloo ranks on CPU give the single-process soups bit for bit."""
 
-import socket
-import time
 from datetime import timedelta
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn import free_port, run_ranks
 
 from mmsoup.distributed import DistributedEvaluator, run_on_rank0, shard_bounds
 from mmsoup.errors import MMSoupError
@@ -88,12 +85,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_shards_are_whole_batches_covering_every_example():
     for n, world in ((36, 2), (36, 3), (5, 4), (1000, 7)):
         bounds = [shard_bounds(n, BATCH, r, world) for r in range(world)]
@@ -104,18 +95,7 @@ def test_shards_are_whole_batches_covering_every_example():
 
 def test_two_gloo_ranks_equal_a_single_process(tmp_path):
     out = tmp_path / "rank0.pt"
-    ctx = mp.start_processes(
-        _worker, args=(_free_port(), str(out)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 150
-    try:
-        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-rank run did not finish in 150 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    run_ranks(_worker, (free_port(), str(out)))
     dist_res = torch.load(out, weights_only=False)
 
     threads = torch.get_num_threads()

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn import free_port, run_ranks
 
 from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
 from mmsoup.errors import MMSoupError
@@ -46,12 +44,6 @@ class _Patch:
         setattr(obj, name, value)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     _no_augment(_Patch)
@@ -76,18 +68,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 def test_two_ranks_train_the_same_model_as_one_process(tmp_path, monkeypatch):
     out = tmp_path / "ddp.pt"
-    ctx = mp.start_processes(
-        _worker, args=(_free_port(), str(out)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 150
-    try:
-        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-rank run did not finish in 150 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    run_ranks(_worker, (free_port(), str(out)))
     saved = torch.load(out, weights_only=True)
     ddp = saved["state"]
     assert saved["seen"] == [8] * 6  # 48 images, batches of 16 split in two: 3 steps x 2 epochs
@@ -126,7 +107,7 @@ def test_finetune_command_under_torchrun_writes_one_checkpoint(tmp_path):
         "torch.distributed.run",
         "--nproc_per_node=2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "mmsoup",
         "finetune",

@@ -1,0 +1,31 @@
+"""Launch test workers as a 2-rank gloo group on CPU (shared by the distributed tests)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port free on localhost right now (the group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker: Callable, args: tuple, nprocs: int = 2, seconds: float = 150) -> None:
+    """Run worker(rank, *args) in `nprocs` spawned processes; fail the test after `seconds`."""
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + seconds
+    try:
+        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {nprocs}-rank run did not finish in {seconds:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
