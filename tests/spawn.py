@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 import torch.multiprocessing as mp
@@ -29,3 +30,18 @@ def run_ranks(worker: Callable, args: tuple, nprocs: int = 2, seconds: float = 1
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+
+
+def join_group(rank: int, port: int, world: int = 2) -> None:
+    """In a worker: one intra-op thread, then join the gloo group at localhost:`port`."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )

@@ -1,10 +1,8 @@
 """Distributed evaluation (issue 6): 2 gloo ranks on CPU give the single-process soups bit for bit."""
 
-from datetime import timedelta
-
 import torch
 import torch.distributed as dist
-from spawn import free_port, run_ranks
+from spawn import free_port, join_group, run_ranks
 
 from mmsoup.distributed import DistributedEvaluator, run_on_rank0, shard_bounds
 from mmsoup.errors import MMSoupError
@@ -60,14 +58,7 @@ def _recipes(pool, heldout: Evaluator, test: Evaluator, comps) -> dict:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=timedelta(seconds=60),
-    )
+    join_group(rank, port)
     try:
         pool, (hx, hy), (tx, ty), comps = _case()
         model = create_classifier(seed=2)

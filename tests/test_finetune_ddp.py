@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from spawn import free_port, run_ranks
+from spawn import free_port, join_group, run_ranks
 
 from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
 from mmsoup.errors import MMSoupError
@@ -45,15 +44,8 @@ class _Patch:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
     _no_augment(_Patch)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=timedelta(seconds=60),
-    )
+    join_group(rank, port)
     try:
         model = create_classifier(seed=0)
         images, labels = _data()
