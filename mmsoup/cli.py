@@ -282,8 +282,7 @@ def cmd_data(args: argparse.Namespace) -> int | None:
     from mmsoup.data.manifest import cmd_data_fetch, cmd_data_verify
 
     if args.action == "verify":
-        get_profile(args.profile)
-        if args.profile != "paper":  # the embedded sets live in the cache, checked by digest
+        if get_profile(args.profile).dataset != "imagenet":  # digits live in the cache, by digest
             args.data_root = args.data_root or os.environ.get(
                 "MMSOUP_CACHE", str(Path.home() / ".cache" / "mmsoup")
             )

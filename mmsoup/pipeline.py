@@ -94,8 +94,8 @@ def _released_pool(profile: str) -> pd.DataFrame:
     from mmsoup.data.manifest import verify
 
     n = get_profile(profile).n_runs + 1
-    table = verify("paper")
-    models = table[table["name"].isin([f"model_{i}" for i in range(n)])]
+    table = verify(profile)  # a spec such as paper:n_runs=3 lists model_0..model_3 only
+    models = table[table["name"].str.fullmatch(r"model_\d+")]
     missing = models[models["status"] != "present"]
     if len(missing):
         raise MMSoupError(

@@ -157,6 +157,18 @@ def test_released_pool_names_the_missing_checkpoints(tmp_path, monkeypatch) -> N
         finetune_stage(SPEC, tmp_path / "run")
 
 
+def test_verify_takes_profile_specs(tmp_path) -> None:
+    from mmsoup.data.manifest import verify
+
+    paper = verify(SPEC, tmp_path)
+    models = [n for n in paper["name"] if n.startswith("model_")]
+    assert models == ["model_0", "model_1", "model_2"] and "imagenet-a" in set(paper["name"])
+    assert len(verify("paper", tmp_path)) == len(paper) + 69  # all 72 checkpoints
+    assert set(verify("smoke", tmp_path)["name"]) == set(verify("embedded", tmp_path)["name"])
+    with pytest.raises(MMSoupError, match="Unknown profile"):
+        verify("tiny", tmp_path)
+
+
 def test_figure2_from_soups_released_results_alone(tmp_path, monkeypatch) -> None:
     """No data, no GPU, no run: notebook 04 draws Soups' per-model results beside the papers'."""
     monkeypatch.setenv("MMSOUP_DATA", str(tmp_path))

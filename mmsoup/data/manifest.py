@@ -159,9 +159,23 @@ def _status(row: pd.Series, path: Path) -> str:
 def verify(
     profile: str, root: str | os.PathLike | None = None, manifest: pd.DataFrame | None = None
 ) -> pd.DataFrame:
-    """Status of every artifact of `profile`: name, role, status, path, fix (PAPER_NOTES §4)."""
+    """Status of every artifact of `profile`: name, role, status, path, fix (PAPER_NOTES §4).
+
+    `profile` is a manifest profile (`embedded`, `paper`) or a profile spec such as `smoke` or
+    `paper:n_runs=3` (then only model_0..model_3 of the released checkpoints are listed).
+    """
     manifest = read_manifest() if manifest is None else manifest
+    n_models = None
+    if profile not in set(manifest["profile"]):
+        from mmsoup.profiles import get_profile
+
+        prof = get_profile(profile)  # an unknown name: one sentence listing the profiles
+        profile = "paper" if prof.dataset == "imagenet" else "embedded"
+        n_models = prof.n_runs + 1 if prof.search == "released" else None
     rows = manifest[manifest["profile"] == profile]
+    if n_models is not None:
+        index = rows["name"].str.extract(r"^model_(\d+)$")[0].astype(float)
+        rows = rows[~(index >= n_models)]
     if rows.empty:
         known = ", ".join(sorted(set(manifest["profile"])))
         raise MMSoupError(f"No manifest rows for profile {profile!r}; pick one of: {known}.")
