@@ -96,6 +96,23 @@ def pool_states(folder: Path | None) -> tuple[list, str]:
     return pool, "6 perturbed copies of a random tiny ViT (no trained pool found)"
 
 
+class ReferenceValAcc:
+    """The reference approach as a val_acc callable for `manifold_mixing_soup`: it receives the
+    rebuilt state dict Ψ'(λ) (soups.interpolate), loads it with `load_state_dict` and iterates a
+    DataLoader that decodes the held-out PNG files, every evaluation (both papers' public code)."""
+
+    def __init__(self, data: Dataset, loader_batch: int) -> None:
+        self.model, self.data, self.batch = create_classifier(seed=1).eval(), data, loader_batch
+
+    def __call__(self, state) -> float:
+        self.model.load_state_dict(state)
+        hits = 0
+        with torch.no_grad():
+            for x, y in DataLoader(self.data, batch_size=self.batch, num_workers=0):
+                hits += int((self.model(x).argmax(-1) == y).sum())
+        return hits / len(self.data)
+
+
 def bench_reference(pool, images, labels, repeats: int, loader_batch: int, batch: int) -> dict:
     """Median seconds of one evaluation: reference path vs Evaluator (interleaved)."""
     base = pool[0] if isinstance(pool[0], dict) else load_state_dict(pool[0])
@@ -105,24 +122,18 @@ def bench_reference(pool, images, labels, repeats: int, loader_batch: int, batch
     ev = Evaluator(
         model, digits.to_tensor(images), torch.as_tensor(labels), device="cpu", batch_size=batch
     )
-    ref_model = create_classifier(seed=1).eval()
     g = torch.Generator().manual_seed(0)
     lams = torch.rand(repeats + 1, len(comps), generator=g).tolist()
     with tempfile.TemporaryDirectory(prefix="mmsoup-png-") as tmp:
         write_pngs(images, labels, Path(tmp))
-        data = PngFolder(Path(tmp))
+        ref_acc = ReferenceValAcc(PngFolder(Path(tmp)), loader_batch)
 
-        def reference(lam: list[float]) -> float:  # rebuild, load_state_dict, decode, forward
+        def reference(lam: list[float]) -> float:  # rebuild, then load_state_dict, decode, forward
             state = dict(base)
             for keys, w in zip(comps.values(), lam):
                 for k in keys:
                     state[k] = w * base[k] + (1 - w) * other[k]
-            ref_model.load_state_dict(state)
-            hits = 0
-            with torch.no_grad():
-                for x, y in DataLoader(data, batch_size=loader_batch, num_workers=0):
-                    hits += int((ref_model(x).argmax(-1) == y).sum())
-            return hits / len(data)
+            return ref_acc(state)
 
         t_ref, t_ours, accs = [], [], []
         reference(lams[0])
@@ -157,23 +168,6 @@ class _Clock:
 
     def read(self) -> tuple[float, float]:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
-
-
-class ReferenceValAcc:
-    """The reference approach as a val_acc callable for `manifold_mixing_soup`: it receives the
-    rebuilt state dict Ψ'(λ) (soups.interpolate), loads it with `load_state_dict` and iterates a
-    DataLoader that decodes the held-out PNG files, every evaluation (both papers' public code)."""
-
-    def __init__(self, data: Dataset, loader_batch: int) -> None:
-        self.model, self.data, self.batch = create_classifier(seed=1).eval(), data, loader_batch
-
-    def __call__(self, state) -> float:
-        self.model.load_state_dict(state)
-        hits = 0
-        with torch.no_grad():
-            for x, y in DataLoader(self.data, batch_size=self.batch, num_workers=0):
-                hits += int((self.model(x).argmax(-1) == y).sum())
-        return hits / len(self.data)
 
 
 def bench_whole_run(

@@ -314,9 +314,20 @@ def run_finetune(
         train_time = time.perf_counter() - start
         held_images, held_labels = digits.load("heldout", cache_dir=digits_cache(cache_dir))
         val_acc = accuracy(model, digits.to_tensor(held_images), torch.as_tensor(held_labels))
-        used_threads = torch.get_num_threads()
-        meta = _run_meta(config, init, name, val_acc, len(labels), train_time, start, used_threads)
-        meta["processes"] = world
+        meta = {
+            "kind": "finetune",
+            "name": name or f"run-{config.key()}",
+            "config": config.to_json(),
+            "val_acc": val_acc,  # top-1 on the held-out split, a fraction
+            "seed": config.seed,
+            "train_images": len(labels),
+            "init": str(init),
+            "init_sha256": file_sha256(init),
+            "train_seconds": round(train_time, 2),
+            "wall_seconds": round(time.perf_counter() - start, 2),
+            "threads": torch.get_num_threads(),
+            "processes": world,
+        }
         if rank == 0:  # one writer; the others wait until the checkpoint exists
             save_state_dict(model.state_dict(), out, meta)
         if world > 1:
@@ -324,23 +335,6 @@ def run_finetune(
 
             dist.barrier()
     return meta
-
-
-def _run_meta(config, init, name, val_acc, n_train, train_time, start, threads) -> dict[str, Any]:
-    """The sidecar of a fine-tuning run (hyper-parameters, held-out accuracy, provenance)."""
-    return {
-        "kind": "finetune",
-        "name": name or f"run-{config.key()}",
-        "config": config.to_json(),
-        "val_acc": val_acc,  # top-1 on the held-out split, a fraction
-        "seed": config.seed,
-        "train_images": n_train,
-        "init": str(init),
-        "init_sha256": file_sha256(init),
-        "train_seconds": round(train_time, 2),
-        "wall_seconds": round(time.perf_counter() - start, 2),
-        "threads": threads,
-    }
 
 
 def is_done(path: str | os.PathLike) -> bool:

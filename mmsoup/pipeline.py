@@ -118,10 +118,12 @@ def _released_hparams() -> pd.DataFrame:
         table = pd.DataFrame(rows).rename(columns={"aug": "augment"})
         table.loc[table["name"] == "model_0", "augment"] = "LP init"
         table = table.drop(columns=["info"], errors="ignore")
-    if results.is_file():
-        lines = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
-        accs = pd.DataFrame({"name": [r["model_name"] for r in lines]})
-        accs["val_acc"] = [r.get("ImageNet2p") for r in lines]  # Soups' number, not ours
+    if results.is_file():  # Soups' ImageNet2p accuracy (their number, not ours), as a fraction
+        from mmsoup.report import HELDOUT_SET, read_soups_individual_results
+
+        acc = read_soups_individual_results(results, init_model=None)
+        held = acc[acc["set"] == HELDOUT_SET]
+        accs = pd.DataFrame({"name": held["method"], "val_acc": held["accuracy"] / 100})
         table = table.merge(accs, on="name", how="outer")
     return table
 

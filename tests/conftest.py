@@ -22,3 +22,12 @@ def smoke_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("smoke_run")
     reproduce("smoke", out=run_dir / "figures", run_dir=run_dir, stream=False)
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module, as in worker processes: the same floating-point sums."""
+    from mmsoup.finetune import num_threads
+
+    with num_threads(1):
+        yield

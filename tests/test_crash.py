@@ -97,13 +97,7 @@ class _CrashAt(Evaluator):
         return super().mixed_accuracy(*args, **kwargs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as in the workers: the same floating-point sums in every process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in the workers (conftest)
 
 
 @pytest.fixture(scope="module")

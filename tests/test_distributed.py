@@ -7,6 +7,7 @@ from spawn import free_port, join_group, run_ranks
 from mmsoup.distributed import DistributedEvaluator, run_on_rank0, shard_bounds
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import Evaluator
+from mmsoup.finetune import num_threads
 from mmsoup.models import create_classifier
 from mmsoup.soups import greedy_soup, logit_ensemble, manifold_mixing_soup
 
@@ -89,16 +90,12 @@ def test_two_gloo_ranks_equal_a_single_process(tmp_path):
     run_ranks(_worker, (free_port(), str(out)))
     dist_res = torch.load(out, weights_only=False)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks ran with one thread each
-    try:
+    with num_threads(1):  # the ranks ran with one thread each
         pool, (hx, hy), (tx, ty), comps = _case()
         model = create_classifier(seed=2)
         heldout = Evaluator(model, hx, hy, device="cpu", batch_size=BATCH)
         test = Evaluator(model, tx, ty, device="cpu", batch_size=BATCH)
         single = _recipes(pool, heldout, test, comps)
-    finally:
-        torch.set_num_threads(threads)
 
     assert len(single["mms_trace"]) > 5
     assert dist_res["mms_trace"] == single["mms_trace"]  # same λ asked, same accuracies

@@ -15,7 +15,7 @@ from spawn import free_port, join_group, run_ranks
 
 from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
 from mmsoup.errors import MMSoupError
-from mmsoup.finetune import FinetuneConfig, train
+from mmsoup.finetune import FinetuneConfig, num_threads, train
 from mmsoup.models import create_classifier
 
 # no random augmentation or mixup: the only difference between 1 and 2 processes is the batch split
@@ -29,22 +29,15 @@ def _data():
     ) % 10
 
 
-def _no_augment(monkeypatch_target) -> None:
-    import mmsoup.finetune as ft
-
-    monkeypatch_target.setattr(ft, "make_augment", lambda config: lambda x: x)
-
-
-class _Patch:
-    """monkeypatch.setattr for a spawned worker (no pytest fixture there)."""
-
-    @staticmethod
-    def setattr(obj, name, value) -> None:
-        setattr(obj, name, value)
+def _identity_augment(config):
+    """No random augmentation: 1 and 2 processes then differ only in how a batch is split."""
+    return lambda x: x
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    _no_augment(_Patch)
+    import mmsoup.finetune as ft
+
+    ft.make_augment = _identity_augment  # a fresh spawned process: nothing to restore
     join_group(rank, port)
     try:
         model = create_classifier(seed=0)
@@ -64,15 +57,13 @@ def test_two_ranks_train_the_same_model_as_one_process(tmp_path, monkeypatch):
     saved = torch.load(out, weights_only=True)
     ddp = saved["state"]
     assert saved["seen"] == [8] * 6  # 48 images, batches of 16 split in two: 3 steps x 2 epochs
-    _no_augment(monkeypatch)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    import mmsoup.finetune as ft
+
+    monkeypatch.setattr(ft, "make_augment", _identity_augment)
+    with num_threads(1):
         single = create_classifier(seed=0)
         init = {k: v.clone() for k, v in single.state_dict().items()}
         train(single, *_data(), CONFIG)
-    finally:
-        torch.set_num_threads(threads)
     moved = max((single.state_dict()[k] - init[k]).abs().max().item() for k in init)
     diff = max((single.state_dict()[k] - ddp[k]).abs().max().item() for k in ddp)
     assert moved > 1e-3  # 6 AdamW steps changed the weights...

@@ -12,13 +12,7 @@ from mmsoup.soups import manifold_mixing_soup
 N, BATCH = 40, 16  # 3 batches, the last one partial
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: fast on a shared 2-core machine (results do not depend on it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fast on 2 shared cores (conftest)
 
 
 @pytest.fixture(scope="module")
