@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint reproduce clean bench bench-gpu
+.PHONY: setup test lint reproduce replicates clean bench bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ test: lint
 
 reproduce: setup
 	$(BIN)/python -m mmsoup reproduce --profile embedded
+
+# The replicate study behind the README's claims: R sweeps (seeds 0..R-1), one backbone.
+REPLICATES ?= 5
+replicates: setup
+	$(BIN)/python -m mmsoup replicate --profile embedded --replicates $(REPLICATES)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -85,12 +85,14 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, tor
 
 
 def provenance(**extra: Any) -> dict[str, Any]:
-    """A provenance record: time, host, library versions, plus any `extra` fields."""
+    """A provenance record: time, host, machine (CPU, BLAS kernels), versions, plus `extra`."""
     import mmsoup
+    from mmsoup.determinism import machine_info
 
     return {
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
+        "machine": machine_info(),  # two machines' bits differ; this says which machine made these
         "versions": library_versions(),
         "mmsoup": mmsoup.__version__,
         **extra,

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,6 +341,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 )
 def cmd_reproduce(args: argparse.Namespace) -> None:
     """The headless study: fine-tune, soups, evaluation, Figure 2, Table 1 (README)."""
+    from mmsoup.profiles import get_profile
+    from mmsoup.replicates import compare
     from mmsoup.reproduce import reproduce
 
     times = reproduce(args.profile, out=args.out, run_dir=args.run_dir)
@@ -347,6 +350,9 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     for name, seconds in times.items():
         _log(f"{name:<22} {seconds:7.0f} s  ({seconds / total:5.1%})")
     _log(f"{'total':<22} {total:7.0f} s; figures and tables in {args.out}")
+    if get_profile(args.profile).search == "random":  # a study with sweeps to replicate
+        run_dir = args.run_dir or Path("runs") / args.profile
+        print(compare(run_dir, args.profile, Path(args.out) / "replicates.csv"))
 
 
 @command(
@@ -359,3 +365,53 @@ def cmd_distributed(args: argparse.Namespace) -> int | None:
     from mmsoup.distributed import main as distributed_main
 
     return distributed_main(args.rest)
+
+
+@command(
+    "replicate",
+    "run the study R times, one sweep seed each, and write figures/replicates.{csv,md,png}",
+    PROFILE,
+    arg("--replicates", type=int, default=5, help="number of replicates R (default: 5)"),
+    arg(
+        "--root",
+        type=Path,
+        default=None,
+        help="folder of the replicates (default: runs/replicates/<profile>)",
+    ),
+    arg("--out", type=Path, default=Path("figures"), help="where replicates.{csv,md,png} go"),
+    arg(
+        "--index",
+        type=int,
+        default=os.environ.get("SLURM_ARRAY_TASK_ID"),
+        help="run only replicate K (0..R-1; a scheduler's array task; default: $SLURM_ARRAY_TASK_ID)",
+    ),
+    arg("--jobs", type=int, default=1, help="replicates at once, one process each (default: 1)"),
+    arg("--vary-backbone", action="store_true", help="replicate r also pretrains with seed r"),
+    arg(
+        "--summary-only",
+        action="store_true",
+        help="only rewrite the summary from finished replicates",
+    ),
+)
+def cmd_replicate(args: argparse.Namespace) -> None:
+    """The replicate study (mmsoup.replicates): resumable, one folder per replicate."""
+    from mmsoup import replicates as rep
+
+    rep.replicate_spec(args.profile, 0)  # a wrong or sweep-less profile fails before any work
+    if args.replicates < 2:
+        raise MMSoupError(f"--replicates {args.replicates}: a spread needs at least 2 replicates.")
+    if args.jobs < 1:
+        raise MMSoupError(f"--jobs {args.jobs}: use 1 or more.")
+    root = args.root or Path("runs") / "replicates" / args.profile.replace(":", "_")
+    if args.index is not None:
+        index = int(args.index)
+        if not 0 <= index < args.replicates:
+            raise MMSoupError(f"--index {index} is out of range; use 0..{args.replicates - 1}.")
+        rep.run_replicate(args.profile, index, root, args.vary_backbone)
+        return
+    start = time.perf_counter()
+    if not args.summary_only:
+        rep.run_replicates(args.profile, args.replicates, root, args.vary_backbone, args.jobs)
+    _, table, paths = rep.write_summary(root, args.profile, args.out, args.replicates)
+    print(Path(paths[1]).read_text())
+    _log(f"replicates in {root}; {', '.join(map(str, paths))}; {time.perf_counter() - start:.0f} s")

@@ -28,6 +28,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
+from mmsoup.determinism import pinned
 from mmsoup.errors import MMSoupError
 from mmsoup.models import TINY_ARCH, ImageClassifier, create_classifier
 
@@ -300,7 +301,7 @@ def run_finetune(
 
     out = Path(out)
     start = time.perf_counter()
-    with num_threads(threads), process_group() as (rank, world):
+    with pinned(threads), process_group() as (rank, world):
         images, labels = digits.load("train", cache_dir=digits_cache(cache_dir))
         images, labels = torch.as_tensor(images), torch.as_tensor(labels)
         if config.train_images is not None:  # the split is ordered by class: subsample at random
@@ -349,5 +350,9 @@ def digits_cache(cache_dir: str | os.PathLike | None) -> Path | None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file (records exactly which init a run started from)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """sha256 of a file (records exactly which init a run started from), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,9 +9,11 @@ figure2_stage / table1_stage   MMS Fig. 2 and Table 1 from those results
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import torch
 
 from mmsoup import resume
 from mmsoup.checkpoints import load_state_dict, read_sidecar
+from mmsoup.determinism import machine_info, pinned
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import Evaluator, correct
 from mmsoup.io import atomic_path, write_json
@@ -55,6 +58,17 @@ def shifts(profile: str) -> tuple[str, ...]:
 def id_set(profile: str) -> str:
     """Name of the in-distribution test set of a profile."""
     return ID_SET[get_profile(profile).dataset]
+
+
+def _pinned_stage(stage: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a stage with its profile's thread count and one BLAS thread (mmsoup.determinism)."""
+
+    @functools.wraps(stage)
+    def run(profile: str, *args: Any, **kwargs: Any) -> Any:
+        with pinned(get_profile(profile).threads):
+            return stage(profile, *args, **kwargs)
+
+    return run
 
 
 # -- stage 1: the pool of fine-tuned models ---------------------------------------------------
@@ -206,6 +220,7 @@ def context(profile: str, device: str | None = None) -> Context:
 
 
 # -- stage 2: soups ------------------------------------------------------------------------
+@_pinned_stage
 def soup_stage(
     profile: str, run_dir: str | os.PathLike, recipes: tuple[str, ...] | None = None
 ) -> pd.DataFrame:
@@ -282,6 +297,7 @@ def soup_stage(
                     "ingredients": res.ingredients,
                     "n_evals": res.n_evals,
                     "info": res.info,
+                    "machine": machine_info(),
                 },
             )
         meta = read_sidecar(file) if file.suffix == ".safetensors" else json.loads(file.read_text())
@@ -336,6 +352,7 @@ def slug(name: str) -> str:
 
 
 # -- stage 3: evaluation -----------------------------------------------------------------------
+@_pinned_stage
 def evaluate_stage(profile: str, run_dir: str | os.PathLike) -> pd.DataFrame:
     """Every model and soup on held-out, ID test and each shift; writes results/ (PAPER_NOTES §4)."""
     from mmsoup.progress import tqdm

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
+from mmsoup.determinism import pinned
 from mmsoup.errors import MMSoupError
-from mmsoup.finetune import NUM_CLASSES, digits_cache, lr_factor, num_threads
+from mmsoup.finetune import NUM_CLASSES, digits_cache, lr_factor
 from mmsoup.models import TINY_ARCH, ImageClassifier, create_classifier
 
 LP_C_GRID = tuple(float(c) for c in np.logspace(-2, 2, 9))  # inverse L2 strengths tried on heldout
@@ -111,17 +112,19 @@ def pretrain(
 
     bank_np, labels_np = digits.pretraining_glyphs(cache_dir=digits_cache(cache_dir))
     num_classes = int(labels_np.max()) + 1
+    # the thread count is part of the key: another count trains other bits (mmsoup.determinism)
+    tag = "" if threads is None else f"-t{threads}"
     path = (
         cache_root(cache_dir)
         / "backbone"
-        / f"{config.arch}-{config.key(_sha(bank_np, labels_np))}.safetensors"
+        / f"{config.arch}-{config.key(_sha(bank_np, labels_np))}{tag}.safetensors"
     )
     if not force and path.is_file() and "fresh_acc" in read_sidecar(path):
         return path
 
     start = time.perf_counter()
     bank, labels = torch.as_tensor(bank_np), torch.as_tensor(labels_np, dtype=torch.long)
-    with num_threads(threads):
+    with pinned(threads):
         model = create_classifier(config.arch, num_classes, seed=config.seed)
         gen = torch.Generator().manual_seed(config.seed)
         steps = config.images // config.batch_size
@@ -180,7 +183,6 @@ def linear_probe(
 ) -> Path:
     """LP init (Soups App. J.2.1, LP-FT): logistic regression on frozen features, C chosen on heldout."""
     from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
 
     from mmsoup.data import digits
 
@@ -195,7 +197,7 @@ def linear_probe(
 
     arch = read_sidecar(backbone).get("config", {}).get("arch", TINY_ARCH)
     start = time.perf_counter()
-    with num_threads(threads):
+    with pinned(threads):
         model = create_classifier(arch, NUM_CLASSES, seed=0)
         trunk = {k: v for k, v in load_state_dict(backbone).items() if k.startswith("model.")}
         missing, _ = model.load_state_dict(trunk, strict=False)
@@ -206,30 +208,32 @@ def linear_probe(
         (x_train, y_train), (x_held, y_held), (x_test, y_test) = (
             (features(model, images), np.asarray(labels)) for images, labels in splits.values()
         )
-    # Standardised features make lbfgs converge in ~100 iterations instead of thousands; the
-    # scaling is folded back into the head below, so the LP init acts on the raw features.
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-8
-    z_train, z_held = (x_train - mean) / std, (x_held - mean) / std
-    tried: dict[float, float] = {}
-    best: tuple[float, float, Any] = (-1.0, 0.0, None)
-    with threadpool_limits(1):  # BLAS threads next to torch's OpenMP ones thrash on shared cores
+        # (pinned: one BLAS thread, so lbfgs takes the same path run after run)
+        # Standardised features make lbfgs converge in ~100 iterations instead of thousands; the
+        # scaling is folded back into the head below, so the LP init acts on the raw features.
+        mean, std = x_train.mean(0), x_train.std(0) + 1e-8
+        z_train, z_held = (x_train - mean) / std, (x_held - mean) / std
+        tried: dict[float, float] = {}
+        best: tuple[float, float, Any] = (-1.0, 0.0, None)
         for c in LP_C_GRID:  # strict >: the smallest C (strongest regularisation) wins ties
             clf = LogisticRegression(C=c, max_iter=2000).fit(z_train, y_train)
             tried[c] = float(clf.score(z_held, y_held))
             if tried[c] > best[0]:
                 best = (tried[c], c, clf)
-    c, clf = best[1], best[2]
-    weight = clf.coef_ / std  # (10, D): W z + b = (W / std) x + (b - (W / std) mean)
-    bias = clf.intercept_ - weight @ mean
-    head = model.classification_head
-    with torch.no_grad():
-        head.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
-        head.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
-        # accuracies of the saved float32 head (what model_0 will score), not of sklearn's copy
-        val_acc, test_acc = (
-            float((head(torch.as_tensor(x, dtype=torch.float32)).argmax(-1).numpy() == y).mean())
-            for x, y in ((x_held, y_held), (x_test, y_test))
-        )
+        c, clf = best[1], best[2]
+        weight = clf.coef_ / std  # (10, D): W z + b = (W / std) x + (b - (W / std) mean)
+        bias = clf.intercept_ - weight @ mean
+        head = model.classification_head
+        with torch.no_grad():
+            head.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+            head.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+            # accuracies of the saved float32 head (what model_0 will score), not of sklearn's copy
+            val_acc, test_acc = (
+                float(
+                    (head(torch.as_tensor(x, dtype=torch.float32)).argmax(-1).numpy() == y).mean()
+                )
+                for x, y in ((x_held, y_held), (x_test, y_test))
+            )
     meta = {
         "kind": "lp_init",
         "name": "model_0",
@@ -263,6 +267,6 @@ def prepare(
             f"Profile {profile!r} starts from released weights, not from a backbone pretrained here; "
             "use --profile embedded or smoke."
         )
-    config = PretrainConfig(arch=prof.arch, **prof.pretrain)
+    config = PretrainConfig(arch=prof.arch, **{"seed": prof.pretrain_seed, **prof.pretrain})
     backbone = pretrain(config, cache_dir=cache_dir, threads=threads, on_step=on_step)
     return backbone, linear_probe(backbone, cache_dir=cache_dir, threads=threads)

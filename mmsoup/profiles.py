@@ -36,15 +36,22 @@ class Profile:
     search: str  # "random" (Soups App. J.2.1), "grid" or "released" (the 72 checkpoints)
     n_runs: int  # fine-tuned models in the sweep (model_0, the LP init, not counted)
     search_seed: int = 0
+    # Seed of the embedded backbone's pretraining (replicates may vary it: `replicate --vary-backbone`).
+    pretrain_seed: int = 0
     # Overrides of `mmsoup.sweep.SearchSpace` fields (the ranges of the random search).
     space: dict[str, Any] = field(default_factory=dict)
     # Overrides of `mmsoup.finetune.FinetuneConfig` fields applied to every run (e.g. fewer images).
     run_overrides: dict[str, Any] = field(default_factory=dict)
-    jobs: int = 1  # default number of concurrent fine-tuning processes
-    # Intra-op threads of a process (pretraining, linear probe; None: torch's default). One: on
-    # 2 shared cores, 2 OpenMP threads made a training step 3-13x slower whenever another process
-    # ran, and 2 one-thread sweep processes keep both cores busy anyway.
+    # Scheduling only: how many fine-tuning runs go at once. Each run has `run_threads` threads
+    # whatever `jobs` is, so 1 and 2 jobs write the same bytes (mmsoup.determinism).
+    jobs: int = 1
+    # Torch threads of the stages that run alone: pretraining, linear probe, soups, evaluation
+    # (None: torch's default, for a GPU machine). Part of the study's definition: another count
+    # gives other bits (mmsoup.determinism). Two on the embedded profile: a pretraining step and a
+    # held-out evaluation run 1.6x faster with 2 threads than with 1 on a quiet 2-core machine.
     threads: int | None = 1
+    # Torch threads of one fine-tuning run. One: `jobs` one-thread processes fill the cores.
+    run_threads: int | None = 1
     # Nevergrad evaluations per MMS candidate. The paper spends ~250; the embedded default spends
     # fewer so the whole study fits 15 minutes on 2 CPU cores (one evaluation: ~0.5 s there).
     mms_budget: int = 250
@@ -64,6 +71,7 @@ PROFILES: MappingProxyType[str, Profile] = MappingProxyType(
             n_runs=12,
             search_seed=0,
             jobs=2,  # two 1-thread processes use 2 cores better than one 2-thread process
+            threads=2,
             mms_budget=60,
         ),
         "smoke": Profile(
@@ -78,6 +86,7 @@ PROFILES: MappingProxyType[str, Profile] = MappingProxyType(
             space={"epochs": (1, 1)},
             run_overrides={"train_images": 1536},  # 24 steps per run
             jobs=1,  # in-process: 4 short runs cost less than 4 interpreter start-ups
+            threads=2,
             mms_budget=8,
         ),
         "paper": Profile(
@@ -87,6 +96,7 @@ PROFILES: MappingProxyType[str, Profile] = MappingProxyType(
             dataset="imagenet",
             pretrain=None,  # OpenAI CLIP weights
             threads=None,  # a GPU machine: torch's default
+            run_threads=None,
             search="released",
             n_runs=71,  # model_1..model_71; model_0 is the LP init
             # The paper's own ranges (Soups App. J.2.1), for the record and for `random_search`.
@@ -104,7 +114,16 @@ DEFAULT_PROFILE = "embedded"
 
 # Integer fields a profile spec may override: `paper:n_runs=3,mms_budget=8` is the paper profile
 # on model_0..model_3 with 8 evaluations per MMS candidate (a first look before the full run).
-OVERRIDABLE = ("n_runs", "mms_budget", "heldout_per_class", "jobs", "threads", "search_seed")
+OVERRIDABLE = (
+    "n_runs",
+    "mms_budget",
+    "heldout_per_class",
+    "jobs",
+    "threads",
+    "run_threads",
+    "search_seed",
+    "pretrain_seed",
+)
 
 
 def get_profile(spec: str) -> Profile:
@@ -124,7 +143,7 @@ def get_profile(spec: str) -> Profile:
             raise MMSoupError(
                 f"Profile {spec!r}: {key!r} cannot be overridden; use one of {', '.join(OVERRIDABLE)}."
             )
-        if not value.isdigit() or int(value) < (0 if key == "search_seed" else 1):
+        if not value.isdigit() or int(value) < (0 if key.endswith("_seed") else 1):
             raise MMSoupError(f"Profile {spec!r}: {key} must be a positive integer, not {value!r}.")
         changes[key] = int(value)
     if name == "paper" and changes.get("n_runs", 0) > prof.n_runs:

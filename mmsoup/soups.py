@@ -405,7 +405,8 @@ def manifold_mixing_soup(
 
     if done == 0:
         commit(psi_changed=True)  # the ranking alone costs n evaluations
-    bar = dict(desc="manifold mixing soup", initial=done, total=len(order) - 1)
+    label = f"manifold mixing soup ({m} components)"
+    bar = dict(desc=label, initial=done, total=len(order) - 1, unit="candidate")
     for i in tqdm(order[1 + done :], disable=not progress, **bar):
         k = len(mixed)
         lam0 = k / (k + 1)

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from mmsoup.checkpoints import read_sidecar, sidecar_path
+from mmsoup.determinism import child_env
 from mmsoup.errors import MMSoupError
 from mmsoup.finetune import FinetuneConfig, file_sha256, is_done, run_finetune
 from mmsoup.io import atomic_path, write_json
+from mmsoup.progress import tqdm
 
 SWEEP_FORMAT = "mmsoup-sweep/1"
 INIT_NAME = "model_0"  # the LP init, as Soups' model_0
@@ -176,10 +177,10 @@ class Sweep:
     profile: str | None = None
 
     def threads(self) -> int | None:
-        """Threads per run of this sweep's profile (None: torch's default; see Profile.threads)."""
+        """Threads per run of this sweep's profile (None: torch's default; see Profile.run_threads)."""
         from mmsoup.profiles import get_profile
 
-        return get_profile(self.profile).threads if self.profile else None
+        return get_profile(self.profile).run_threads if self.profile else None
 
     def checkpoint(self, k: int) -> Path:
         """Checkpoint path of run k (1-based, as model_k)."""
@@ -312,9 +313,10 @@ def run_sweep(
 ) -> SweepReport:
     """Run the unfinished runs of a sweep file (resumable), `jobs` processes at a time.
 
-    jobs == 1 runs in this process (with `threads`, else the profile's thread count); jobs > 1
-    starts `python -m mmsoup finetune --sweep FILE --run K` per run, each with `threads`, else
-    max(1, cores // jobs) threads, and its output in `<out>/logs/model_K.log`.
+    jobs == 1 runs in this process; jobs > 1 starts `python -m mmsoup finetune --sweep FILE --run K`
+    per run, its output in `<out>/logs/model_K.log`. Either way a run has `threads` threads, else
+    the profile's `run_threads`, so the checkpoints are the same bytes for any `jobs`
+    (mmsoup.determinism); `jobs` only decides how many run at once.
     """
     start = time.perf_counter()
     sweep = load_sweep(sweep_file)
@@ -326,7 +328,7 @@ def run_sweep(
             stale.unlink(missing_ok=True)
     bar = tqdm(
         total=len(ks), initial=len(skipped), desc="sweep", unit="run", disable=not progress,
-        file=sys.stderr, dynamic_ncols=True,
+        dynamic_ncols=True,
     )  # fmt: skip
     results: list[dict[str, Any]] = []
 
@@ -342,7 +344,7 @@ def run_sweep(
             for k in todo:
                 finished(run_from_sweep(sweep.path, k, threads))
         else:
-            per_job = threads or max(1, available_cores() // jobs)
+            per_job = threads or sweep.threads() or max(1, available_cores() // jobs)
             failures = _run_parallel(sweep, todo, jobs, per_job, finished)
             if failures:
                 log = sweep.out / "logs" / f"{sweep.run(failures[0])[0]}.log"
@@ -371,7 +373,7 @@ def _run_parallel(
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "mmsoup", "finetune", "--sweep", str(sweep.path)]
         cmd += ["--run", str(k), "--threads", str(threads)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # also caps OpenMP outside torch
+        env = child_env(threads)  # also caps OpenMP and BLAS outside torch
         with open(log, "w") as f:
             procs[k] = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             return k, procs[k].wait()

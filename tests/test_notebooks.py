@@ -51,3 +51,17 @@ def test_a_failing_cell_names_the_notebook_and_cell(tmp_path):
             tmp_path / "out",
             stream=False,
         )
+
+
+def test_executed_notebooks_hold_one_line_per_progress_bar(smoke_run):
+    """Headless runs keep the live bars on the terminal: a stream output is a few lines, not pages."""
+    import nbformat
+
+    for name in PIPELINE:
+        nb = nbformat.read(smoke_run / "notebooks" / f"{name}.ipynb", as_version=4)
+        for cell in nb.cells:
+            for out in cell.get("outputs", []):
+                if out.get("output_type") == "stream":
+                    lines = out["text"].splitlines()
+                    assert len(lines) <= 8, (name, lines[:3])
+                    assert not any("\r" in line for line in lines), name

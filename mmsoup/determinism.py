@@ -1,0 +1,98 @@
+"""Same machine, same bytes: every thread pool that touches the numbers is pinned per stage.
+
+A float sum depends on the order of its terms, so the thread count of a matrix product is part of
+its result: on this project's 2-core machine one training step of the tiny ViT, or one held-out
+evaluation, gives other bits with 1 and with 2 torch threads (and the same bits, run after run,
+with a fixed count). So the thread count of each stage is part of the study's definition (a
+profile field, recorded in every sidecar), never "whatever the machine has":
+
+- torch intra-op threads (OpenMP/MKL/oneDNN) = the stage's count, whatever `jobs` is;
+- BLAS under NumPy/SciPy/scikit-learn (OpenBLAS) = 1 thread, through threadpoolctl;
+- `torch.use_deterministic_algorithms` on (warn-only: a CPU op without a deterministic kernel
+  warns instead of failing).
+
+Another CPU model may still give other bits (OpenBLAS and MKL pick kernels per CPU; the
+`machine` record in each sidecar names them): across machines the study's conclusions, not its
+bytes, are what reproduces (see `mmsoup.replicates`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+# Environment of a child process (a sweep run): its OpenMP/BLAS pools start at this size.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def pinned(threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` torch threads, one BLAS thread and deterministic algorithms.
+
+    `threads` None leaves torch's thread count alone (a GPU machine: the numbers are the GPU's).
+    Everything is restored on exit, so a notebook kernel keeps its own settings between stages.
+    """
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    was_det, was_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
+        torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
+
+
+def child_env(threads: int) -> dict[str, str]:
+    """os.environ for a child process whose thread pools start at `threads` (BLAS at 1)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    return env
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else platform.processor())."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """What decides the bits besides code and seeds: CPU, cores, torch threads, BLAS kernels."""
+    from threadpoolctl import threadpool_info
+
+    blas = sorted(
+        {
+            f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')}"
+            for p in threadpool_info()
+            if p.get("user_api") == "blas"
+        }
+    )
+    return {
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_blas": "mkl" if torch.backends.mkl.is_available() else "other",
+        "blas": blas,  # e.g. "openblas 0.3.29 Haswell": the kernels NumPy/SciPy run here
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
