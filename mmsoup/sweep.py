@@ -381,7 +381,10 @@ def _run_parallel(
     failures = []
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
-        for future in as_completed([pool.submit(launch, k) for k in todo]):
+        # longest runs first (most epochs): the last round leaves fewer cores idle; the order
+        # changes when a run finishes, never what it computes
+        order = sorted(todo, key=lambda k: -sweep.run(k)[1].epochs)
+        for future in as_completed([pool.submit(launch, k) for k in order]):
             k, rc = future.result()
             if rc == 0:
                 finished(read_sidecar(sweep.checkpoint(k)))
