@@ -5,8 +5,10 @@ To add a command, write a function taking the parsed arguments and decorate it:
     @command("data", "build and verify the digits benchmark", arg("--cache", type=Path))
     def cmd_data(args: argparse.Namespace) -> int | None: ...
 
-A user-caused problem (MMSoupError) prints one line `mmsoup: error: <message>` and exits 2; an
-interrupt exits 1. `--debug` (before or after the command) shows the traceback instead.
+A user-caused problem (MMSoupError, and a wrong flag) prints one line `mmsoup: error: <message>`
+and exits 2; an interrupt exits 1. `--debug` (before or after the command) shows the traceback
+instead. Every command checks all of its inputs (flags, profile, configs, input files, output
+folders) before it starts any work, and logs each long step (pretraining included) on stderr.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mmsoup.errors import MMSoupError
+from mmsoup.io import check_free_space, check_readable, check_writable
+from mmsoup.progress import pretrain_lines
 
 Handler = Callable[[argparse.Namespace], "int | None"]
 
@@ -55,7 +59,26 @@ def command(
     return register
 
 
-PROFILE = arg("--profile", default="embedded", help="named profile (default: embedded)")
+def integer(low: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer >= `low`; anything else is one sentence naming the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {low}{why}")
+        return value
+
+    return parse
+
+
+PROFILE = arg(
+    "--profile",
+    default="embedded",
+    help="named profile, optionally with overrides: NAME[:FIELD=INT,...] (default: embedded)",
+)
 CACHE = arg(
     "--cache",
     type=Path,
@@ -63,13 +86,37 @@ CACHE = arg(
     help="cache root (default: $MMSOUP_CACHE or ~/.cache/mmsoup)",
 )
 THREADS = arg(
-    "--threads", type=int, default=None, help="torch threads per process (default: the profile's)"
+    "--threads",
+    type=integer(1),
+    default=None,
+    help="torch threads per process (default: the profile's)",
 )
 
 
 def _log(message: str) -> None:
     """A progress line on stderr (stdout stays for results)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def cache_root(cache: Path | None, profile: str) -> Path:
+    """The cache folder of a command: --cache, else $MMSOUP_CACHE, else the profile's default."""
+    from mmsoup.profiles import get_profile
+
+    given = cache or os.environ.get("MMSOUP_CACHE")
+    if given:
+        return Path(given).expanduser()
+    if get_profile(profile).dataset == "imagenet":  # as mmsoup.data.cache.cache_dir
+        from mmsoup.data.manifest import data_root
+
+        return data_root() / "cache"
+    return Path.home() / ".cache" / "mmsoup"
+
+
+def check_cache(args: argparse.Namespace, profile: str | None = None) -> Path:
+    """Refuse a cache folder the command could not write its backbone or data into."""
+    cache = getattr(args, "cache", None)
+    flag = "--cache" if cache else "the cache folder ($MMSOUP_CACHE)"
+    return check_writable(cache_root(cache, profile or args.profile), flag)
 
 
 @command(
@@ -84,15 +131,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from mmsoup.profiles import get_profile
 
     get_profile(args.profile)  # a wrong name fails before torch is imported
+    check_cache(args)
     from mmsoup.checkpoints import read_sidecar
     from mmsoup.pretrain import prepare
 
-    def on_step(step: int, total: int, loss: float) -> None:
-        if step % 100 == 0 or step == total - 1:
-            _log(f"pretrain step {step + 1}/{total} loss {loss:.3f}")
-
     backbone, lp = prepare(
-        args.profile, cache_dir=args.cache, threads=args.threads, on_step=on_step
+        args.profile, cache_dir=args.cache, threads=args.threads, on_step=pretrain_lines
     )
     b, p = read_sidecar(backbone), read_sidecar(lp)
     print(f"backbone  {backbone}  fresh renders {b['fresh_acc']:.2%}  ({b['wall_seconds']:.0f} s)")
@@ -105,7 +149,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     arg("--sweep", type=Path, help="sweep file (sweep.json) whose run K to execute"),
     arg(
         "--run",
-        type=int,
+        type=integer(1),
         default=os.environ.get("SLURM_ARRAY_TASK_ID"),  # `sbatch --array=1-12` fans a sweep out
         help="run number K (1..n; writes model_K.safetensors; default: $SLURM_ARRAY_TASK_ID)",
     ),
@@ -123,8 +167,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 )
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune once and print the checkpoint and its held-out accuracy."""
-    from mmsoup.finetune import FinetuneConfig, run_finetune
-    from mmsoup.sweep import load_sweep, run_from_sweep
+    from mmsoup.profiles import get_profile
+
+    get_profile(args.profile)
 
     def on_step(step: int, total: int, loss: float) -> None:
         if step == 0 or (step + 1) % 50 == 0 or step == total - 1:
@@ -135,18 +180,46 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             raise MMSoupError(
                 "--sweep needs --run K (and no --config); e.g. --sweep runs/embedded/sweep.json --run 1."
             )
+        if args.init is not None or args.out is not None:
+            raise MMSoupError(
+                "--init and --out go with --config only; a --sweep run starts from the sweep's "
+                "model_0 and writes model_K beside its sweep file."
+            )
+        from mmsoup.sweep import load_sweep, run_from_sweep
+
+        sweep = load_sweep(args.sweep)  # a missing or malformed file, or a bad config in it
+        out = sweep.checkpoint(args.run)  # --run out of range
+        check_writable(sweep.out, "The folder of --sweep")
+        if sweep.cache_dir is not None:
+            check_writable(sweep.cache_dir, f"The cache folder of {args.sweep}")
+        else:
+            check_cache(args)
         meta = run_from_sweep(
             args.sweep, args.run, threads=args.threads, on_step=on_step, force=args.force
         )
-        out = load_sweep(args.sweep).checkpoint(args.run)
     elif args.config is not None:
-        config = FinetuneConfig.from_json(_json_argument(args.config, "--config"))
+        from mmsoup.finetune import FinetuneConfig
+
+        config = FinetuneConfig.from_json(_json_argument(args.config, "--config"), "--config")
+        if args.init is not None:
+            check_readable(args.init, "--init")
+        elif config.arch != get_profile(args.profile).arch:
+            raise MMSoupError(
+                f"--config arch={config.arch!r} differs from the {get_profile(args.profile).arch!r} "
+                f"backbone of profile {args.profile!r}; pass --init with a checkpoint of that arch."
+            )
+        out = args.out or Path("runs") / "finetune" / f"run-{config.key()}.safetensors"
+        check_writable(out, "--out", file=True)
+        check_cache(args)
+        from mmsoup.finetune import run_finetune
+        from mmsoup.pretrain import prepare
+
         init = args.init
         if init is None:
-            from mmsoup.pretrain import prepare
-
-            init = prepare(args.profile, cache_dir=args.cache, threads=args.threads)[1]
-        out = args.out or Path("runs") / "finetune" / f"run-{config.key()}.safetensors"
+            init = prepare(
+                args.profile, cache_dir=args.cache, threads=args.threads, on_step=pretrain_lines
+            )[1]
+        check_free_space(out.parent, Path(init).stat().st_size, "--out")
         meta = run_finetune(config, init, out, args.cache, _threads(args), on_step=on_step)
     else:
         raise MMSoupError("finetune needs --sweep FILE --run K, or --config JSON.")
@@ -158,7 +231,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     "pretrain if needed, then run (or resume) the fine-tuning sweep of a profile",
     PROFILE,
     arg("--out", type=Path, help="output folder (default: runs/<profile>)"),
-    arg("--jobs", type=int, default=None, help="concurrent runs (default: the profile's)"),
+    arg("--jobs", type=integer(1), default=None, help="concurrent runs (default: the profile's)"),
     arg(
         "--configs",
         type=Path,
@@ -172,12 +245,27 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from mmsoup.profiles import get_profile
 
     prof = get_profile(args.profile)  # a wrong name fails before torch is imported
+    out = args.out or Path("runs") / args.profile
+    check_writable(out, "--out")
+    if args.configs is not None:
+        check_readable(args.configs, "--configs")
+    check_cache(args)
     from mmsoup.pretrain import prepare
-    from mmsoup.sweep import load_configs, profile_configs, run_sweep, summary, write_sweep
+    from mmsoup.sweep import (
+        check_sweep_folder,
+        load_configs,
+        profile_configs,
+        run_sweep,
+        summary,
+        write_sweep,
+    )
 
     configs = load_configs(args.configs) if args.configs else profile_configs(args.profile)
-    _, lp = prepare(args.profile, cache_dir=args.cache, threads=args.threads)
-    out = args.out or Path("runs") / args.profile
+    check_sweep_folder(configs, out)  # another sweep already there: refused before pretraining
+    _, lp = prepare(
+        args.profile, cache_dir=args.cache, threads=args.threads, on_step=pretrain_lines
+    )
+    check_free_space(out, (len(configs) + 1) * Path(lp).stat().st_size, "--out")
     sweep_file = write_sweep(configs, out, lp, profile=args.profile, cache_dir=args.cache)
     report = run_sweep(sweep_file, jobs=args.jobs or prof.jobs, threads=args.threads)
     _log(
@@ -204,8 +292,16 @@ def _threads(args: argparse.Namespace) -> int | None:
 
 
 def _json_argument(value: str, flag: str) -> dict[str, Any]:
-    """A JSON object given inline or as a file path."""
-    text = Path(value).read_text() if Path(value).is_file() else value
+    """A JSON object given inline or as a file path (which must exist and be readable)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        text = check_readable(path, flag).read_text()
+    elif value.lstrip().startswith(("{", "[")) or not value.endswith(".json"):
+        text = value
+    else:
+        raise MMSoupError(
+            f"{flag} file {value} does not exist; check the path or pass inline JSON."
+        )
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -219,13 +315,21 @@ def _json_argument(value: str, flag: str) -> dict[str, Any]:
     return data
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one MMSoupError sentence (exit 2), not usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise a wrong or missing flag as an MMSoupError naming it and pointing to --help."""
+        raise MMSoupError(f"{message}; see `{self.prog} --help`.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per registered command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
     )
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mmsoup",
         description="Model soups and manifold mixing model soups, reproducible on a laptop.",
         parents=[common],
@@ -240,9 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `mmsoup` and `python -m mmsoup`; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    debug = getattr(args, "debug", False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    words = [a for a in argv if a != "--debug"]
     try:
+        if words[:1] == ["distributed"]:  # its flags are its own (REMAINDER refuses a leading flag)
+            args = argparse.Namespace(command="distributed", rest=words[1:])
+        else:
+            args = build_parser().parse_args(argv)
+            debug = getattr(args, "debug", False)
         status = COMMANDS[args.command].handler(args)
     except MMSoupError as e:
         if debug:
@@ -273,7 +383,9 @@ def cmd_data(args: argparse.Namespace) -> int | None:
     """`data build` (digits), `data verify --profile P`, `data fetch NAME...` (PAPER_NOTES §4)."""
     from mmsoup.profiles import get_profile
 
+    get_profile(args.profile)
     if args.action == "build":
+        check_cache(args, "embedded")  # the digits benchmark, whatever --profile says
         from mmsoup.data import digits
 
         for name, path in digits.build_all(progress=not args.quiet).items():
@@ -284,10 +396,12 @@ def cmd_data(args: argparse.Namespace) -> int | None:
 
     if args.action == "verify":
         if get_profile(args.profile).dataset != "imagenet":  # digits live in the cache, by digest
-            args.data_root = args.data_root or os.environ.get(
-                "MMSOUP_CACHE", str(Path.home() / ".cache" / "mmsoup")
-            )
+            args.data_root = args.data_root or str(cache_root(None, args.profile))
         return cmd_data_verify(args)
+    from mmsoup.data.manifest import data_root
+
+    flag = "--data-root" if args.data_root else "the data folder ($MMSOUP_DATA)"
+    check_writable(data_root(args.data_root), flag)
     return cmd_data_fetch(args)
 
 
@@ -315,7 +429,8 @@ def cmd_soup(args: argparse.Namespace) -> None:
         raise MMSoupError(
             f"Unknown recipe {unknown[0]!r}; pick from {', '.join(pipeline.RECIPES)}."
         )
-    run_dir = args.run_dir or Path("runs") / args.profile
+    run_dir = check_writable(args.run_dir or Path("runs") / args.profile, "--run-dir")
+    check_cache(args)  # the digits sets are built there on first use
     recipes = tuple(args.recipe) if args.recipe else None
     print(pipeline.soup_stage(args.profile, run_dir, recipes).to_string(index=False))
 
@@ -326,9 +441,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from mmsoup.profiles import get_profile
 
     get_profile(args.profile)
+    run_dir = check_writable(args.run_dir or Path("runs") / args.profile, "--run-dir")
+    check_cache(args)  # the digits sets are built there on first use
     from mmsoup import pipeline
 
-    acc = pipeline.evaluate_stage(args.profile, args.run_dir or Path("runs") / args.profile)
+    acc = pipeline.evaluate_stage(args.profile, run_dir)
     print(acc.pivot_table(index="method", columns="set", values="accuracy", sort=False).round(2))
 
 
@@ -345,6 +462,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     from mmsoup.replicates import compare
     from mmsoup.reproduce import reproduce
 
+    check_cache(args)  # the notebooks pretrain and build the digits there
     times = reproduce(args.profile, out=args.out, run_dir=args.run_dir)
     total = sum(times.values())
     for name, seconds in times.items():
@@ -364,14 +482,19 @@ def cmd_distributed(args: argparse.Namespace) -> int | None:
     """Forward to `python -m mmsoup.distributed` (torch.distributed; issue 6)."""
     from mmsoup.distributed import main as distributed_main
 
-    return distributed_main(args.rest)
+    return distributed_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
 
 
 @command(
     "replicate",
     "run the study R times, one sweep seed each, and write figures/replicates.{csv,md,png}",
     PROFILE,
-    arg("--replicates", type=int, default=5, help="number of replicates R (default: 5)"),
+    arg(
+        "--replicates",
+        type=integer(2, " (a spread needs at least 2 replicates)"),
+        default=5,
+        help="number of replicates R (default: 5)",
+    ),
     arg(
         "--root",
         type=Path,
@@ -381,11 +504,16 @@ def cmd_distributed(args: argparse.Namespace) -> int | None:
     arg("--out", type=Path, default=Path("figures"), help="where replicates.{csv,md,png} go"),
     arg(
         "--index",
-        type=int,
+        type=integer(0),
         default=os.environ.get("SLURM_ARRAY_TASK_ID"),
         help="run only replicate K (0..R-1; a scheduler's array task; default: $SLURM_ARRAY_TASK_ID)",
     ),
-    arg("--jobs", type=int, default=1, help="replicates at once, one process each (default: 1)"),
+    arg(
+        "--jobs",
+        type=integer(1),
+        default=1,
+        help="replicates at once, one process each (default: 1)",
+    ),
     arg("--vary-backbone", action="store_true", help="replicate r also pretrains with seed r"),
     arg(
         "--summary-only",
@@ -398,17 +526,21 @@ def cmd_replicate(args: argparse.Namespace) -> None:
     from mmsoup import replicates as rep
 
     rep.replicate_spec(args.profile, 0)  # a wrong or sweep-less profile fails before any work
-    if args.replicates < 2:
-        raise MMSoupError(f"--replicates {args.replicates}: a spread needs at least 2 replicates.")
-    if args.jobs < 1:
-        raise MMSoupError(f"--jobs {args.jobs}: use 1 or more.")
+    if args.index is not None and args.index >= args.replicates:
+        raise MMSoupError(f"--index {args.index} is out of range; use 0..{args.replicates - 1}.")
     root = args.root or Path("runs") / "replicates" / args.profile.replace(":", "_")
+    if args.summary_only:
+        if not root.is_dir():
+            raise MMSoupError(
+                f"--root {root} does not exist; run the replicates first or pass their folder."
+            )
+    else:
+        check_writable(root, "--root")
+        check_cache(args)
     if args.index is not None:
-        index = int(args.index)
-        if not 0 <= index < args.replicates:
-            raise MMSoupError(f"--index {index} is out of range; use 0..{args.replicates - 1}.")
-        rep.run_replicate(args.profile, index, root, args.vary_backbone)
+        rep.run_replicate(args.profile, args.index, root, args.vary_backbone)
         return
+    check_writable(args.out, "--out")
     start = time.perf_counter()
     if not args.summary_only:
         rep.run_replicates(args.profile, args.replicates, root, args.vary_backbone, args.jobs)

@@ -343,8 +343,11 @@ def _pool(items: Sequence[str]) -> list[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `python -m mmsoup.distributed` (also usable as a CLI subcommand)."""
-    ap = argparse.ArgumentParser(
-        description="One soup with evaluation sharded over torchrun ranks."
+    from mmsoup.cli import Parser  # a wrong flag: one line, exit 2 (as every mmsoup command)
+
+    ap = Parser(
+        prog="mmsoup distributed",
+        description="One soup with evaluation sharded over torchrun ranks.",
     )
     ap.add_argument("--ingredients", nargs="+", required=True, help="checkpoints or folders")
     ap.add_argument("--recipe", choices=("mms", "greedy", "uniform"), default="mms")
@@ -366,19 +369,57 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a bad flag, a missing input or an unwritable --out before any rank starts work."""
+    from mmsoup.data import digits
+    from mmsoup.io import check_readable, check_writable
+    from mmsoup.profiles import get_profile
+
+    get_profile(args.profile)
+    for flag, value, low in (("--budget", args.budget, 1), ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise MMSoupError(f"{flag} {value} is out of range; use an integer >= {low}.")
+    if not 0.0 <= args.tau <= 1.0:
+        raise MMSoupError(
+            f"--tau {args.tau} is out of range; use a number in [0, 1] (paper: 0.998)."
+        )
+    if not args.cache_mb >= 0:
+        raise MMSoupError(f"--cache-mb {args.cache_mb} is out of range; use a number >= 0.")
+    for item in args.ingredients:
+        if not Path(item).is_dir():
+            check_readable(item, "--ingredients")
+    if args.heldout is not None:
+        check_readable(args.heldout, "--heldout")
+    for name in args.test:
+        if name.endswith(".npz"):
+            check_readable(name, "--test")
+        elif (
+            get_profile(args.profile).dataset == "digits"
+            and name not in digits.SPLITS + digits.SHIFTS
+        ):
+            raise MMSoupError(
+                f"--test {name!r} is not a digits set; pick from {', '.join(digits.SPLITS + digits.SHIFTS)} or pass an .npz."
+            )
+    check_writable(args.out, "--out", file=True)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Build the evaluators on every rank, the soup on rank 0; rank 0's summary, None elsewhere."""
     from mmsoup.checkpoints import load_state_dict, save_state_dict
     from mmsoup.models import create_classifier
     from mmsoup.partition import partition
     from mmsoup.profiles import get_profile
-    from mmsoup.soups import greedy_soup, manifold_mixing_soup, uniform_soup
+    from mmsoup.soups import _optimizer_class, greedy_soup, manifold_mixing_soup, uniform_soup
 
+    check_args(args)
     rank, world = init(args.backend)
     paths = _pool(args.ingredients)
     first = load_state_dict(paths[0])
     head = first["classification_head.weight"].shape[0]
     model = create_classifier(get_profile(args.profile).arch, head)
+    if args.recipe == "mms":  # a wrong scheme or optimizer fails before the data are loaded
+        comps = partition(first, args.scheme, model=model)
+        _optimizer_class(args.optimizer)
     opts = dict(device=args.device, batch_size=args.batch_size, reuse=not args.no_reuse)
     opts |= {"cache_mb": args.cache_mb}
     sets = {"heldout": _tensors(args.profile, "heldout", args.heldout)}
@@ -400,7 +441,6 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             if args.recipe == "greedy":
                 res = greedy_soup(paths, ev, progress=False)
             else:
-                comps = partition(first, args.scheme, model=ev.model)
                 kw = dict(
                     tau=args.tau, budget=args.budget, optimizer=args.optimizer, seed=args.seed
                 )
@@ -430,5 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the CLI: a user's mistake is one line and exit 2
+    from mmsoup.cli import main as cli_main
+
+    sys.exit(cli_main(["distributed", *sys.argv[1:]]))

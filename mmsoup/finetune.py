@@ -38,6 +38,44 @@ NUM_CLASSES = 10
 RANDAUG_BINS = 31  # torchvision's default: magnitudes 0..30
 
 
+def _is_a(value: Any, kind: type) -> bool:
+    """JSON's types: a bool is not a number, an int is also a float."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _known_arch(arch: str) -> bool:
+    """Whether open_clip (with mmsoup's configs) can build `arch`."""
+    import open_clip
+
+    from mmsoup.models import register_configs
+
+    register_configs()
+    return arch in open_clip.list_models()
+
+
+# Every field of FinetuneConfig: (type, range check, what is allowed). Checked on construction,
+# so a config from JSON, a sweep file or a profile is refused before any work starts.
+FIELD_RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "lr": (float, lambda v: v > 0, "a number > 0, e.g. 0.001"),
+    "weight_decay": (float, lambda v: v >= 0, "a number >= 0"),
+    "epochs": (int, lambda v: v >= 1, "an integer >= 1"),
+    "label_smoothing": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "mixup_alpha": (float, lambda v: v >= 0, "a number >= 0 (0: no mixup)"),
+    "augment": (str, lambda v: v in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
+    "randaug_m": (int, lambda v: 0 <= v < RANDAUG_BINS, f"an integer in 0..{RANDAUG_BINS - 1}"),
+    "randaug_n": (int, lambda v: v >= 0, "an integer >= 0"),
+    "seed": (int, lambda v: v >= 0, "an integer >= 0"),
+    "batch_size": (
+        int, lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2 (mixup pairs images)"
+    ),
+    "warmup_frac": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "train_images": (int, lambda v: v >= 2, "null (the whole split) or an integer >= 2"),
+    "arch": (str, _known_arch, f"an open_clip architecture such as {TINY_ARCH!r}"),
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """The identity of one fine-tuning run: its hyper-parameters and seed (Soups App. J.2.1)."""
@@ -57,30 +95,42 @@ class FinetuneConfig:
     arch: str = TINY_ARCH
 
     def __post_init__(self) -> None:
-        if self.augment not in AUGMENTATIONS:
-            raise MMSoupError(
-                f"augment={self.augment!r} is not known; use one of {', '.join(AUGMENTATIONS)}."
-            )
-        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 2 or self.batch_size % 2:
-            raise MMSoupError(
-                f"Invalid run config (lr={self.lr}, epochs={self.epochs}, batch_size={self.batch_size}); "
-                "lr must be > 0, epochs >= 1 and batch_size even (mixup pairs images)."
-            )
+        """Refuse a field of the wrong type or out of range (FIELD_RULES), naming what is allowed."""
+        for name, (kind, ok, allowed) in FIELD_RULES.items():
+            value = getattr(self, name)
+            if name == "train_images" and value is None:
+                continue
+            if not _is_a(value, kind):
+                raise MMSoupError(
+                    f"{name}={value!r} has the wrong type ({type(value).__name__}); use {allowed}."
+                )
+            if not ok(value) or (kind is float and not math.isfinite(value)):
+                problem = "not known" if kind is str else "out of range"
+                raise MMSoupError(f"{name}={value!r} is {problem}; use {allowed}.")
 
     def to_json(self) -> dict[str, Any]:
         """The config as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> FinetuneConfig:
-        """A config from a dict; unknown keys are an MMSoupError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise MMSoupError(
-                f"Unknown fine-tuning hyper-parameter {unknown[0]!r}; valid ones are {', '.join(sorted(known))}."
-            )
-        return cls(**data)
+    def from_json(cls, data: Any, where: str | None = None) -> FinetuneConfig:
+        """A checked config from a JSON object; a bad key or value is an MMSoupError naming it (and `where`)."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        try:
+            if not isinstance(data, dict):
+                raise MMSoupError(
+                    f'a run config must be a JSON object such as {{"lr": 0.001}}, not {data!r}.'
+                )
+            unknown = sorted(set(data) - set(known))
+            if unknown:
+                raise MMSoupError(
+                    f"unknown fine-tuning hyper-parameter {unknown[0]!r}; valid ones are {', '.join(sorted(known))}."
+                )
+            return cls(**data)
+        except MMSoupError as e:
+            if where is None:
+                raise
+            raise MMSoupError(f"In {where}, {e}") from None
 
     def key(self) -> str:
         """A short stable hash of the config (names runs given without a name)."""

@@ -1,4 +1,5 @@
-"""Atomic file output: every file mmsoup writes appears whole or not at all."""
+"""Atomic file output (every file mmsoup writes appears whole or not at all) and the checks of
+the paths a command will read or write, done before any work (they create nothing)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,3 +57,68 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write `obj` as indented JSON to `path` atomically."""
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+# -- checks of paths before any work: they create nothing ---------------------------------------
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` itself if it exists, else its nearest existing ancestor (absolute)."""
+    path = Path(path).expanduser().absolute()
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether a file can be created in `folder` (permissions, read-only mounts, /proc; even as root)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:  # an unnamed (or at once deleted) file: the kernel's own answer, nothing left behind
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def check_writable(path: str | os.PathLike, flag: str, file: bool = False) -> Path:
+    """Refuse, naming `flag`, a folder (or with `file` a file's folder) that cannot be created or written."""
+    path = Path(path).expanduser()
+    if file and path.is_dir():
+        raise MMSoupError(
+            f"{flag} {path} is a folder; pass a file path such as {path / 'model.safetensors'}."
+        )
+    folder = path.parent if file else path
+    base = nearest_existing(folder)
+    if not file and base == folder.absolute() and not base.is_dir():
+        raise MMSoupError(f"{flag} {folder} is a file, not a folder; pass a folder.")
+    if not base.is_dir():
+        raise MMSoupError(
+            f"{flag} {path} cannot be created because {base} is a file; pass another path."
+        )
+    if not _can_write_in(base):
+        raise MMSoupError(
+            f"{flag} {path} cannot be written (no write access to {base}); pass a folder you can write to."
+        )
+    return path
+
+
+def check_readable(path: str | os.PathLike, flag: str) -> Path:
+    """Refuse, naming `flag`, an input file that does not exist or cannot be read."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MMSoupError(f"{flag} {path} does not exist (or is not a file); check the path.")
+    if not os.access(path, os.R_OK):
+        raise MMSoupError(
+            f"{flag} {path} cannot be read; fix its permissions or pass another file."
+        )
+    return path
+
+
+def check_free_space(path: str | os.PathLike, needed: int, flag: str) -> None:
+    """Refuse, naming `flag`, a folder whose disk has less than `needed` bytes free."""
+    base = nearest_existing(path)
+    free = shutil.disk_usage(base).free
+    if free < needed:
+        raise MMSoupError(
+            f"{flag} {path} needs about {needed / 2**20:.0f} MiB but its disk has {free / 2**20:.0f} MiB "
+            "free; free space or pass a folder on another disk."
+        )

@@ -46,3 +46,9 @@ def tqdm(*args: Any, **kwargs: Any):
     kwargs.setdefault("file", _terminal())
     kwargs.setdefault("mininterval", 2.0)  # a streamed log, not an animation
     return Headless(*args, **kwargs)
+
+
+def pretrain_lines(step: int, total: int, loss: float) -> None:
+    """`prepare`'s on_step in commands: a stderr line every 100 pretraining steps (none if cached)."""
+    if step % 100 == 0 or step == total - 1:
+        print(f"pretrain step {step + 1}/{total} loss {loss:.3f}", file=sys.stderr, flush=True)

@@ -97,9 +97,10 @@ def run_replicates(
     todo = [r for r in range(replicates) if not (replicate_dir(root, r) / DONE).is_file()]
     if todo:  # build the shared backbone once, before replicates race to build it
         from mmsoup.pretrain import prepare
+        from mmsoup.progress import pretrain_lines
 
         if not vary_backbone:
-            prepare(replicate_spec(profile, 0))
+            prepare(replicate_spec(profile, 0), on_step=pretrain_lines)
     if jobs <= 1:
         for r in todo:
             run_replicate(profile, r, root, vary_backbone)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsoup.errors import MMSoupError
+from mmsoup.io import check_writable
 
 PIPELINE = (
     "01_finetune_sweep",
@@ -107,8 +109,15 @@ def reproduce(
     from mmsoup.profiles import get_profile
 
     get_profile(profile)  # unknown profile: one clear error before anything runs
-    run_dir = Path(run_dir or Path("runs") / profile).resolve()
-    out = Path(out).resolve()
+    run_dir = check_writable(Path(run_dir or Path("runs") / profile), "--run-dir").resolve()
+    out = check_writable(out, "--out").resolve()
+    if importlib.util.find_spec("papermill") is None:
+        raise MMSoupError("reproduce needs papermill; install it with `pip install papermill`.")
+    for name in notebooks:  # every notebook is there before the first one runs
+        if not (notebooks_dir() / f"{name}.ipynb").is_file():
+            raise MMSoupError(
+                f"There is no notebook {name!r} in {notebooks_dir()}; pick from {', '.join(PIPELINE)}."
+            )
     times: dict[str, float] = {}
     for i, name in enumerate(notebooks, 1):
         params = {"profile": profile, "run_dir": str(run_dir), "interactive": False}

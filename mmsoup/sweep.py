@@ -145,7 +145,10 @@ def load_configs(path: str | os.PathLike) -> list[FinetuneConfig]:
         raise MMSoupError(
             f'{path} must hold a JSON list of run configs (objects such as {{"lr": 0.001}}).'
         )
-    return [FinetuneConfig.from_json(d.get("config", d)) for d in data]
+    return [
+        FinetuneConfig.from_json(d.get("config", d), f"{path} (run {i})")
+        for i, d in enumerate(data, 1)
+    ]
 
 
 def profile_configs(profile: str) -> list[FinetuneConfig]:
@@ -205,6 +208,19 @@ class Sweep:
         return self.runs[k - 1]
 
 
+def check_sweep_folder(configs: Sequence[FinetuneConfig], out: str | os.PathLike) -> list[dict]:
+    """The runs of `<out>/sweep.json`-to-be; an existing sweep file with other runs is an MMSoupError."""
+    path = Path(out) / "sweep.json"
+    runs = [{"name": f"model_{i}", "config": c.to_json()} for i, c in enumerate(configs, 1)]
+    if path.is_file():
+        old = _read_json(path, "sweep file")
+        if not isinstance(old, dict) or old.get("runs") != runs:
+            raise MMSoupError(
+                f"{path} already holds a different sweep; pass another --out or delete that folder."
+            )
+    return runs
+
+
 def write_sweep(
     configs: Sequence[FinetuneConfig],
     out: str | os.PathLike,
@@ -219,13 +235,7 @@ def write_sweep(
     """
     out = Path(out)
     path = out / "sweep.json"
-    runs = [{"name": f"model_{i}", "config": c.to_json()} for i, c in enumerate(configs, 1)]
-    if path.is_file():
-        old = _read_json(path, "sweep file")
-        if old.get("runs") != runs:
-            raise MMSoupError(
-                f"{path} already holds a different sweep; pass another --out or delete that folder."
-            )
+    runs = check_sweep_folder(configs, out)
     init_copy = out / f"{INIT_NAME}.safetensors"
     if not init_copy.is_file() or file_sha256(init_copy) != file_sha256(init):
         with atomic_path(init_copy) as tmp:
@@ -256,9 +266,26 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
             f"{path} is not an mmsoup sweep file (format {SWEEP_FORMAT!r}); create one with "
             "`python -m mmsoup sweep --profile embedded`."
         )
+    entries = data.get("runs")
+    if not isinstance(entries, list) or not all(
+        isinstance(r, dict) and {"name", "config"} <= set(r) for r in entries
+    ):
+        raise MMSoupError(
+            f"{path} has no valid list of runs (each with a name and a config); re-create it with "
+            "`python -m mmsoup sweep`."
+        )
     out = (path.parent / data.get("out", ".")).resolve()
-    runs = tuple((r["name"], FinetuneConfig.from_json(r["config"])) for r in data["runs"])
-    return Sweep(path, out, out / data["init"], runs, data.get("cache_dir"), data.get("profile"))
+    runs = tuple(
+        (r["name"], FinetuneConfig.from_json(r["config"], f"{path} ({r['name']})")) for r in entries
+    )
+    return Sweep(
+        path,
+        out,
+        out / str(data.get("init", f"{INIT_NAME}.safetensors")),
+        runs,
+        data.get("cache_dir"),
+        data.get("profile"),
+    )
 
 
 def run_from_sweep(
@@ -421,5 +448,9 @@ def _read_json(path: str | os.PathLike, what: str) -> Any:
         raise MMSoupError(f"The {what} {path} does not exist; check the path.")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except OSError as e:
+        raise MMSoupError(
+            f"The {what} {path} cannot be read ({e.strerror}); fix its permissions."
+        ) from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MMSoupError(f"The {what} {path} is not valid JSON ({e}); fix or re-create it.") from e

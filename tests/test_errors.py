@@ -10,6 +10,7 @@ leave the folder as it was: no new, partial or temporary file.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -241,6 +242,285 @@ def _(tmp):
     return lambda: run_notebook("02_soups", {"budjet": 10}, tmp / "out", stream=False)
 
 
+# -- issue 17: every input checked before any work (configs, flags, paths) ---------------------------
+def _finetune(tmp: Path, config: str, *more: str) -> list[str]:
+    """`finetune --config CONFIG` without --init: a late check would pretrain first (guarded)."""
+    return ["finetune", "--config", config, "--out", str(tmp / "out" / "m.safetensors"), *more]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _sweep_file(tmp: Path, config: dict) -> Path:
+    """A sweep file with one run (model_1) of `config`."""
+    runs = [{"name": "model_1", "config": config}]
+    sweep = {"format": "mmsoup-sweep/1", "out": ".", "init": "model_0.safetensors", "runs": runs}
+    return _write(tmp / "sw" / "sweep.json", json.dumps(sweep))
+
+
+@case("issue 17: epochs 'abc' inline", "In --config, epochs='abc' has the wrong type", "integer")
+def _(tmp):
+    return ["finetune", "--config", '{"epochs": "abc"}']  # default --out: runs/ under tmp
+
+
+@case("issue 17: mixup_alpha 'x' in a file", "mixup_alpha='x' has the wrong type", "number >= 0")
+def _(tmp):
+    return [
+        "finetune",
+        "--config",
+        str(_write(tmp / "c.json", '{"lr": 0.001, "mixup_alpha": "x"}')),
+    ]
+
+
+@case(
+    "issue 17: reproduce --out in /proc",
+    "--out /proc/forbidden cannot be written",
+    "a folder you can write",
+)
+def _(tmp):
+    return ["reproduce", "--profile", "smoke", "--out", "/proc/forbidden"]
+
+
+# Every field of FinetuneConfig: a value of the wrong type, and a value out of range.
+BAD_VALUES: dict[str, tuple[object, object]] = {
+    "lr": ("abc", 0),
+    "weight_decay": (True, -0.1),
+    "epochs": (2.5, 0),
+    "label_smoothing": ("0.1", 1.0),
+    "mixup_alpha": ([0.2], -1),
+    "augment": (3, "heavy"),
+    "randaug_m": (1.5, 31),
+    "randaug_n": ("2", -1),
+    "seed": (0.5, -1),
+    "batch_size": ("64", 3),
+    "warmup_frac": (None, 1.0),
+    "train_images": (10.5, 1),
+    "arch": (7, ""),
+}
+MORE_BAD_VALUES = [("lr", float("nan")), ("lr", float("inf")), ("batch_size", 0),
+                     ("randaug_m", -1), ("label_smoothing", -0.1), ("warmup_frac", -0.5),
+                     ("arch", "vit-huge"), ("epochs", True)]  # fmt: skip
+
+
+def _config_case(field: str, value: object, inline: bool) -> None:
+    """A row: `finetune --config` with `field` set to `value`, inline JSON or from a file."""
+    from mmsoup.finetune import FIELD_RULES
+
+    @case(
+        f"config {field}={value!r} ({'inline' if inline else 'file'})",
+        f"In --config, {field}={value!r} ",  # the field and its bad value ...
+        FIELD_RULES[field][2],  # ... and what is allowed
+    )
+    def _(tmp):
+        text = json.dumps({field: value})  # NaN and Infinity too: Python's json reads them
+        return _finetune(tmp, text if inline else str(_write(tmp / "config.json", text)))
+
+
+for _field, (_wrong, _out_of_range) in BAD_VALUES.items():
+    _config_case(_field, _wrong, inline=True)  # wrong types inline,
+    _config_case(_field, _out_of_range, inline=False)  # out-of-range values from a file
+for _field, _value in MORE_BAD_VALUES:
+    _config_case(_field, _value, inline=True)
+
+
+@case("config is not a JSON object", "--config must be a JSON object", "e.g.")
+def _(tmp):
+    return _finetune(tmp, "[1, 2]")
+
+
+@case("config file missing", "--config file", "does not exist", "check the path")
+def _(tmp):
+    return _finetune(tmp, str(tmp / "nope.json"))
+
+
+@case("config arch differs from the profile", "arch='ViT-B-32-quickgelu' differs", "pass --init")
+def _(tmp):
+    return _finetune(tmp, '{"arch": "ViT-B-32-quickgelu"}')
+
+
+@case("finetune --init missing", "--init", "nope.safetensors does not exist", "check the path")
+def _(tmp):
+    return _finetune(tmp, "{}", "--init", str(tmp / "nope.safetensors"))
+
+
+@case("finetune --out in /proc", "--out /proc/forbidden/m.safetensors cannot be written")
+def _(tmp):
+    return ["finetune", "--config", "{}", "--out", "/proc/forbidden/m.safetensors"]
+
+
+@case("finetune --out is a folder", "--out", "is a folder", "pass a file path")
+def _(tmp):
+    (tmp / "out").mkdir()
+    return ["finetune", "--config", "{}", "--out", str(tmp / "out")]
+
+
+@case("finetune --sweep with --out", "--init and --out go with --config only")
+def _(tmp):
+    return ["finetune", "--sweep", str(_sweep_file(tmp, {})), "--run", "1", "--out", str(tmp / "m")]
+
+
+@case("finetune --run out of range", "--run 3 is out of range", "runs 1..1")
+def _(tmp):
+    return ["finetune", "--sweep", str(_sweep_file(tmp, {})), "--run", "3"]
+
+
+@case("finetune --run 0", "argument --run: '0' is not an integer >= 1", "--help")
+def _(tmp):
+    return ["finetune", "--sweep", str(_sweep_file(tmp, {})), "--run", "0"]
+
+
+@case("sweep file holds a bad config", "sweep.json (model_1), lr=-1 is out of range", "> 0")
+def _(tmp):
+    return ["finetune", "--sweep", str(_sweep_file(tmp, {"lr": -1})), "--run", "1"]
+
+
+@case("sweep file without runs", "has no valid list of runs", "re-create it")
+def _(tmp):
+    path = _write(tmp / "sw" / "sweep.json", '{"format": "mmsoup-sweep/1"}')
+    return ["finetune", "--sweep", str(path), "--run", "1"]
+
+
+@case("sweep --configs missing", "--configs", "does not exist", "check the path")
+def _(tmp):
+    return [
+        "sweep",
+        "--profile",
+        "smoke",
+        "--configs",
+        str(tmp / "c.json"),
+        "--out",
+        str(tmp / "o"),
+    ]
+
+
+@case("sweep --configs with a bad value", "c.json (run 2), epochs=0 is out of range", ">= 1")
+def _(tmp):
+    configs = _write(tmp / "c.json", json.dumps([{"lr": 1e-3}, {"epochs": 0}]))
+    return ["sweep", "--profile", "smoke", "--configs", str(configs), "--out", str(tmp / "o")]
+
+
+@case("sweep --out holds another sweep", "already holds a different sweep", "another --out")
+def _(tmp):
+    _write(tmp / "o" / "sweep.json", json.dumps({"format": "mmsoup-sweep/1", "runs": []}))
+    return ["sweep", "--profile", "smoke", "--out", str(tmp / "o")]
+
+
+@case("sweep --out under a file", "cannot be created because", "is a file", "another path")
+def _(tmp):
+    _write(tmp / "notes.txt", "a file, not a folder\n")
+    return ["sweep", "--profile", "smoke", "--out", str(tmp / "notes.txt" / "runs")]
+
+
+@case("sweep --jobs 0", "argument --jobs: '0' is not an integer >= 1", "mmsoup sweep --help")
+def _(tmp):
+    return ["sweep", "--profile", "smoke", "--jobs", "0", "--out", str(tmp / "o")]
+
+
+@case("pretrain --threads abc", "argument --threads: 'abc' is not an integer >= 1", "--help")
+def _(tmp):
+    return ["pretrain", "--profile", "smoke", "--threads", "abc"]
+
+
+@case("pretrain --cache in /proc", "--cache /proc/forbidden cannot be written", "you can write")
+def _(tmp):
+    return ["pretrain", "--profile", "smoke", "--cache", "/proc/forbidden"]
+
+
+@case("unknown flag", "unrecognized arguments: --outt", "see `mmsoup --help`")
+def _(tmp):
+    return ["sweep", "--profile", "smoke", "--outt", str(tmp / "o")]
+
+
+@case("profile override not an integer", "n_runs must be a positive integer, not 'x'")
+def _(tmp):
+    return ["sweep", "--profile", "smoke:n_runs=x", "--out", str(tmp / "o")]
+
+
+@case("profile override of a field that is not overridable", "'epochs' cannot be overridden")
+def _(tmp):
+    return ["sweep", "--profile", "smoke:epochs=3", "--out", str(tmp / "o")]
+
+
+@case("reproduce --run-dir under a file", "--run-dir", "is a file", "another path")
+def _(tmp):
+    _write(tmp / "notes.txt", "a file\n")
+    return ["reproduce", "--profile", "smoke", "--run-dir", str(tmp / "notes.txt" / "run")]
+
+
+@case("soup --run-dir in /proc", "--run-dir /proc/forbidden cannot be written")
+def _(tmp):
+    return ["soup", "--profile", "smoke", "--run-dir", "/proc/forbidden"]
+
+
+@case("evaluate --run-dir is a file", "--run-dir", "run is a file, not a folder", "pass a folder")
+def _(tmp):
+    return ["evaluate", "--profile", "smoke", "--run-dir", str(_write(tmp / "run", "x\n"))]
+
+
+@case("replicate --root in /proc", "--root /proc/forbidden cannot be written")
+def _(tmp):
+    return ["replicate", "--profile", "smoke", "--root", "/proc/forbidden"]
+
+
+@case("replicate --out in /proc", "--out /proc/forbidden cannot be written")
+def _(tmp):
+    return ["replicate", "--profile", "smoke", "--root", str(tmp / "r"), "--out", "/proc/forbidden"]
+
+
+@case("replicate --index -1", "argument --index: '-1' is not an integer >= 0")
+def _(tmp):
+    return ["replicate", "--profile", "smoke", "--root", str(tmp / "r"), "--index", "-1"]
+
+
+@case("replicate --replicates 1", "'1' is not an integer >= 2", "at least 2 replicates")
+def _(tmp):
+    return ["replicate", "--profile", "smoke", "--root", str(tmp / "r"), "--replicates", "1"]
+
+
+@case(
+    "replicate --summary-only without replicates",
+    "--root",
+    "does not exist",
+    "run the replicates first",
+)
+def _(tmp):
+    return ["replicate", "--profile", "smoke", "--root", str(tmp / "r"), "--summary-only"]
+
+
+@case("data fetch --data-root in /proc", "--data-root /proc/forbidden cannot be written")
+def _(tmp):
+    return ["data", "fetch", "model_0", "--data-root", "/proc/forbidden"]
+
+
+@case("distributed --tau out of range", "--tau 2.0 is out of range", "[0, 1]")
+def _(tmp):
+    pool = [str(p) for p in _pool(tmp)]
+    return [
+        "distributed",
+        "--ingredients",
+        *pool,
+        "--tau",
+        "2",
+        "--out",
+        str(tmp / "o" / "s.safetensors"),
+    ]
+
+
+@case("distributed --out in /proc", "--out /proc/forbidden/s.safetensors cannot be written")
+def _(tmp):
+    pool = [str(p) for p in _pool(tmp)]
+    return ["distributed", "--ingredients", *pool, "--out", "/proc/forbidden/s.safetensors"]
+
+
+@case("distributed ingredient missing", "--ingredients", "nope.safetensors does not exist")
+def _(tmp):
+    missing = str(tmp / "nope.safetensors")
+    return ["distributed", "--ingredients", missing, "--out", str(tmp / "o" / "s.safetensors")]
+
+
 # -- held-out data, heads, dataset folders, downloads ----------------------------------------------
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -385,13 +665,45 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+# The work a bad input must never start: any of these called is a failed row.
+EXPENSIVE = (
+    "mmsoup.pretrain.pretrain",
+    "mmsoup.pretrain.linear_probe",
+    "mmsoup.finetune.run_finetune",
+    "mmsoup.sweep.run_finetune",
+    "mmsoup.sweep.run_sweep",
+    "mmsoup.data.digits.build_all",
+    "mmsoup.reproduce.run_notebook",
+    "mmsoup.pipeline.finetune_stage",
+    "mmsoup.pipeline.soup_stage",
+    "mmsoup.pipeline.evaluate_stage",
+    "mmsoup.replicates.run_replicate",
+    "mmsoup.replicates.run_replicates",
+    "mmsoup.distributed.init",
+)
+
+
+def _forbid_work(monkeypatch) -> None:
+    """Make every entry of EXPENSIVE fail the test if it is called."""
+    for target in EXPENSIVE:
+
+        def started(*args, _name=target, **kwargs):
+            pytest.fail(f"{_name} started before the bad input was refused")
+
+        monkeypatch.setattr(target, started)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_each_bad_input_is_one_sentence_exit_2_and_nothing_written(
     name, tmp_path, capsys, monkeypatch
 ):
     setup, fragments = CASES[name]
+    monkeypatch.chdir(tmp_path)  # default outputs (runs/, figures/) land in the snapshot
+    monkeypatch.setenv("MMSOUP_CACHE", str(tmp_path / "cache"))  # an empty cache, in the snapshot
+    monkeypatch.setenv("MMSOUP_DATA", str(tmp_path / "data"))
     needs_patch = "monkeypatch" in setup.__code__.co_varnames[: setup.__code__.co_argcount]
     job = setup(tmp_path, monkeypatch) if needs_patch else setup(tmp_path)
+    _forbid_work(monkeypatch)  # no pretraining, training or notebook may start
     before = _snapshot(tmp_path)
     if isinstance(job, list):
         argv = job
@@ -495,3 +807,109 @@ def test_enospc_is_recognised_from_oserror_and_from_foreign_writers():
     assert _disk_full(SafetensorError("I/O error: No space left on device (os error 28)"))
     assert not _disk_full(OSError(errno.EACCES, "Permission denied"))
     assert not _disk_full(MMSoupError("The disk filled up while writing x; free space."))
+
+
+# -- issue 17: the checks themselves, and progress before long work ----------------------------------
+def test_every_config_field_has_a_rule_and_a_bad_value_row():
+    import dataclasses
+
+    from mmsoup.finetune import FIELD_RULES, FinetuneConfig
+
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    assert set(FIELD_RULES) == fields == set(BAD_VALUES)
+    for field in fields:  # every field: a wrong type and an out-of-range value in the table
+        assert any(name.startswith(f"config {field}=") and "(inline)" in name for name in CASES)
+        assert any(name.startswith(f"config {field}=") and "(file)" in name for name in CASES)
+
+
+def test_valid_configs_still_load_as_before():
+    from mmsoup.finetune import FinetuneConfig
+
+    assert FinetuneConfig.from_json({}) == FinetuneConfig()
+    config = FinetuneConfig.from_json(
+        {"lr": 1, "weight_decay": 0, "label_smoothing": 0.1, "train_images": None}
+    )
+    assert config.lr == 1 and config.key() == FinetuneConfig(**config.to_json()).key()
+    assert FinetuneConfig(lr=np.float64(2e-3), randaug_m=30, augment="randaugment").lr == 2e-3
+    with pytest.raises(MMSoupError, match=r"^In x.json \(run 1\), seed=-1 is out of range"):
+        FinetuneConfig.from_json({"seed": -1}, "x.json (run 1)")
+
+
+def test_path_checks_refuse_what_cannot_be_written_and_create_nothing(tmp_path):
+    from mmsoup.io import check_readable, check_writable
+
+    deep = tmp_path / "a" / "b" / "c"
+    assert check_writable(deep, "--out") == deep and list(tmp_path.iterdir()) == []
+    assert check_writable(deep / "m.safetensors", "--out", file=True) and not deep.exists()
+    for bad, fragment in (
+        ("/proc/forbidden", "no write access to /proc"),
+        ("/proc/self/status/x", "is a file"),
+        ("/dev/null", "is a file, not a folder"),
+    ):
+        with pytest.raises(MMSoupError, match=f"^--out {bad} .*{fragment}"):
+            check_writable(bad, "--out")
+    with pytest.raises(MMSoupError, match="is a folder; pass a file path"):
+        check_writable(tmp_path, "--out", file=True)
+    with pytest.raises(MMSoupError, match="does not exist"):
+        check_readable(tmp_path / "nope.json", "--configs")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_a_read_only_folder_is_refused(tmp_path):
+    from mmsoup.io import check_writable
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(MMSoupError, match="cannot be written"):
+            check_writable(ro / "figures", "--out")
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["finetune", "--config", "{}"],
+        ["sweep", "--profile", "smoke"],
+        ["pretrain", "--profile", "smoke"],
+    ],
+)
+def test_pretraining_started_by_a_command_prints_progress(argv, tmp_path, capsys, monkeypatch):
+    """On an empty cache `finetune`, `sweep` and `pretrain` pretrain first: a line per 100 steps."""
+    from mmsoup import pretrain
+
+    def prepare(profile, cache_dir=None, threads=None, on_step=None):
+        for step in range(250):  # what pretrain() reports, then stop before any real work
+            on_step(step, 250, 1.0)
+        raise MMSoupError("stopped after pretraining (test).")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MMSOUP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "prepare", prepare)
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "pretrain step 1/250 loss 1.000",
+        "pretrain step 101/250 loss 1.000",
+        "pretrain step 201/250 loss 1.000",
+        "pretrain step 250/250 loss 1.000",
+        "mmsoup: error: stopped after pretraining (test).",
+    ]
+
+
+def test_issue_17_first_command_in_a_fresh_process(tmp_path):
+    """`python -m mmsoup finetune --config '{"epochs": "abc"}'`: one line, exit 2, nothing written."""
+    env = {**os.environ, "MMSOUP_CACHE": str(tmp_path / "cache")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(cli.__file__).parents[1]), env.get("PYTHONPATH", "")]
+    )
+    cmd = [sys.executable, "-m", "mmsoup", "finetune", "--config", '{"epochs": "abc"}']
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "mmsoup: error: In --config, epochs='abc' has the wrong type (str); use an integer >= 1."
+    ]
+    assert list(tmp_path.iterdir()) == []
