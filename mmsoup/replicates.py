@@ -238,6 +238,12 @@ def _fmt(rec: pd.Series, col: str) -> str:
     return f"{rec[f'{col}_mean']:+.2f} [{rec[f'{col}_lo']:+.2f}, {rec[f'{col}_hi']:+.2f}]"
 
 
+def _wtl(rec: pd.Series, col: str) -> str:
+    """Wins-ties-losses against the best model, e.g. `3–1–1`."""
+    ties = rec["replicates"] - rec[f"{col}_wins"] - rec[f"{col}_losses"]
+    return f"{rec[f'{col}_wins']}–{ties}–{rec[f'{col}_losses']}"
+
+
 def markdown(rows: pd.DataFrame, table: pd.DataFrame, profile: str) -> str:
     """replicates.md: the spread table and how to read it."""
     n = rows["replicate"].nunique()
@@ -246,10 +252,10 @@ def markdown(rows: pd.DataFrame, table: pd.DataFrame, profile: str) -> str:
         "",
         "Each replicate: its own 12-run sweep (seed r), every soup on its own held-out split, the "
         "same test sets. Δ = method − that replicate's best individual model (chosen on held-out), "
-        f"points; mean with a 95% t-interval across the {n} replicates; wins = replicates where "
-        "the method beats the best model.",
+        f"points; mean with a 95% t-interval across the {n} replicates; W–T–L = replicates where "
+        "the method beats, ties or loses to the best model.",
         "",
-        "| Method | Δ ID mean [95% CI] | wins ID | Δ Avg OOD mean [95% CI] | wins OOD | models mixed (mean) |",
+        "| Method | Δ ID mean [95% CI] | ID W–T–L | Δ Avg OOD mean [95% CI] | OOD W–T–L | models mixed (mean) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for _, rec in table.iterrows():
@@ -257,9 +263,8 @@ def markdown(rows: pd.DataFrame, table: pd.DataFrame, profile: str) -> str:
             continue
         lines.append(
             f"| {rec['method']} | {_fmt(rec, 'delta_id')} ({verdict(rec, 'delta_id')}) | "
-            f"{rec['delta_id_wins']}/{rec['replicates']} | {_fmt(rec, 'delta_ood')} "
-            f"({verdict(rec, 'delta_ood')}) | {rec['delta_ood_wins']}/{rec['replicates']} | "
-            f"{rec['models_mixed_mean']:.1f} |"
+            f"{_wtl(rec, 'delta_id')} | {_fmt(rec, 'delta_ood')} ({verdict(rec, 'delta_ood')}) | "
+            f"{_wtl(rec, 'delta_ood')} | {rec['models_mixed_mean']:.1f} |"
         )
     best = rows[rows["method"] == "Best individual"]
     lines += [
@@ -317,10 +322,10 @@ def figure(rows: pd.DataFrame, table: pd.DataFrame, path: str | os.PathLike) -> 
             )
         ax.set_title(f"{title}: method − best individual (points)", fontsize=9)
         ax.set_yticks(range(len(methods)), methods, fontsize=8)
-        ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
+    axes[0].invert_yaxis()  # shared y: once for both panels, Table 1's order from the top
     fig.suptitle(
-        f"{n} replicates: dots = replicates, diamond = mean with 95% interval, right = wins",
+        f"{n} replicates: dots = replicates, diamond = mean with 95% interval, right = wins/replicates",
         fontsize=9,
     )
     fig.tight_layout()

@@ -91,7 +91,7 @@ def test_replicates_differ_by_their_sweep_seed(study):
 def test_the_summary_reports_the_spread_and_the_wins(study):
     _, figures = study
     md = (figures / "replicates.md").read_text()
-    assert "2 replicates" in md and "| MMS-C26 |" in md and "/2 |" in md
+    assert "2 replicates" in md and "| MMS-C26 |" in md and "W–T–L" in md
     assert (figures / "replicates.png").stat().st_size > 10_000
     table = replicates.spread(pd.read_csv(figures / "replicates.csv"))
     row = table.set_index("method").loc["Uniform soup"]
