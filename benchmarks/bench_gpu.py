@@ -1,10 +1,10 @@
-"""GPU benchmark (a script, not a test; issue 6): one MMS objective evaluation of CLIP ViT-B/32.
+"""GPU benchmark (a script, not a test): one MMS objective evaluation of CLIP ViT-B/32.
 
-The paper's setting at full scale: 26,000 held-out images at 224x224 (ImageNet2p, PAPER_NOTES §4),
+The paper's setting at full scale: 26,000 held-out images at 224x224 (ImageNet2p, Soups §3),
 random weights (timing only), uint8 images resident on the GPU, normalised per batch, bf16 autocast.
 Reports seconds per evaluation of Ψ'(λ) with every component moving (a full forward), with only the
 head moving (prefix-activation reuse, if --cache-mb allows the features), the bare forward, and the
-images/s they imply. The author's code: ~26 s per evaluation on 2xA6000 (PAPER_NOTES §1).
+images/s they imply. The MMS author's code takes ~26 s per evaluation on 2xA6000, by its author's account.
 
     .venv/bin/python benchmarks/bench_gpu.py --device cuda [--images 26000] [--batch-size 1000]
     .venv/bin/python benchmarks/bench_gpu.py --device cpu --images 64 --batch-size 32   # smoke test
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mmsoup.checkpoints import library_versions
-from mmsoup.evaluate import Evaluator
+from mmsoup.evaluate import Evaluator, keep_freed_memory
 from mmsoup.io import write_text
 from mmsoup.models import PAPER_ARCH, create_classifier
 from mmsoup.partition import partition
@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     dev = torch.device(args.device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # as the pipeline's stages
     g = torch.Generator().manual_seed(0)
     images = torch.empty((args.images, 3, args.size, args.size), dtype=torch.uint8, device=dev)
     for i in range(0, args.images, 1000):  # filled in chunks: no 26k x 150k float array on the host

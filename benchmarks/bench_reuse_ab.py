@@ -1,4 +1,4 @@
-"""A/B of prefix-activation reuse over whole MMS runs (a script, not a test; issue 6).
+"""A/B of prefix-activation reuse over whole MMS runs (a script, not a test).
 
 The same MMS run (embedded pool, C26+live, NGOpt, budget 60, batch 256, 1 thread) alternated
 without and with reuse, twice, printing evaluations, CPU and wall seconds and the reuse counters.
@@ -17,7 +17,7 @@ import torch
 
 from mmsoup.checkpoints import load_state_dict
 from mmsoup.data import digits
-from mmsoup.evaluate import Evaluator
+from mmsoup.evaluate import Evaluator, keep_freed_memory
 from mmsoup.models import create_classifier
 from mmsoup.partition import partition
 from mmsoup.soups import manifold_mixing_soup
@@ -29,6 +29,7 @@ def main() -> None:
     from bench_scale import pool_states
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # on CPU, as the pipeline's stages
     images, labels = digits.load("heldout")
     x, y = digits.to_tensor(images), torch.as_tensor(labels)
     pool, _ = pool_states(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/embedded/sweep"))

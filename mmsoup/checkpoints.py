@@ -2,7 +2,7 @@
 
 Formats: `.safetensors` (memory-mapped) and `.pt`/`.pth`/`.bin` pickles, read only through
 `torch.load(..., weights_only=True)` so that a checkpoint can never run code. The 72 released CLIP
-checkpoints (PAPER_NOTES §4) are pickled state dicts of the Soups wrapper (`model.*` +
+checkpoints of Soups (mlfoundations/model-soups) are pickled state dicts of the Soups wrapper (`model.*` +
 `classification_head.*`) and load as they are.
 """
 
@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import platform
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -41,6 +42,21 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _imports_code(path: Path) -> bool:
+    """Whether a plain pickle file, read as opcodes and never executed, imports a class or function."""
+    import pickletools
+
+    with open(path, "rb") as f:
+        if f.read(1) != b"\x80":  # PROTO: protocol 2+ (older pickles reach torch's GLOBAL check)
+            return False
+        f.seek(0)
+        try:  # a whole pickle: a truncated or corrupt file is reported as such
+            ops = [op.name for op, _, _ in pickletools.genops(f)]
+        except Exception:
+            return False
+    return bool({"GLOBAL", "STACK_GLOBAL", "INST"} & set(ops))
+
+
 def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
     """Load the state dict of a `.safetensors` or `.pt`/`.pth` file (weights only, memory-mapped)."""
     path = Path(path)
@@ -56,18 +72,24 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, tor
                 state = {k: state[k] for k in order}
             return state if mmap else {k: v.clone() for k, v in state.items()}
         if suffix in PICKLE_SUFFIXES:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            except RuntimeError as e:
-                if mmap and "mmap" in str(e):  # legacy (non-zip) pickles cannot be memory-mapped
-                    obj = torch.load(path, map_location="cpu", weights_only=True)
-                else:
-                    raise
+            with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: no news
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                try:
+                    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                except RuntimeError as e:
+                    if mmap and "mmap" in str(
+                        e
+                    ):  # legacy (non-zip) pickles cannot be memory-mapped
+                        obj = torch.load(path, map_location="cpu", weights_only=True)
+                    else:
+                        raise
             return _unwrap(obj, path)
     except (MMSoupError, MemoryError):
         raise
     except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # torch's weights-only unpickler met a class or function to import
+        # torch's weights-only unpickler met a class or function to import; a plain (non-zip)
+        # pickle of protocol 4+ fails on its framing before that, so its opcodes are read instead
+        if "GLOBAL" in str(e) or _imports_code(path):
             raise MMSoupError(
                 f"{path} is refused: it is a pickle that would run code or build objects other than tensors "
                 "(only weights_only=True loading is allowed); re-save it as a plain state dict or .safetensors."

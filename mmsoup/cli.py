@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from mmsoup.errors import MMSoupError
-from mmsoup.io import check_free_space, check_readable, check_writable
+from mmsoup.io import cache_root, check_free_space, check_readable, check_writable
 from mmsoup.progress import pretrain_lines
 
 Handler = Callable[[argparse.Namespace], "int | None"]
@@ -85,6 +85,9 @@ CACHE = arg(
     default=None,
     help="cache root (default: $MMSOUP_CACHE or ~/.cache/mmsoup)",
 )
+# One meaning per flag: --run-dir is the run folder the stages share (sweep/, soups/, results/,
+# notebooks/); --out is what a command itself produces (a checkpoint, or figures and tables).
+RUN_DIR = arg("--run-dir", type=Path, default=None, help="run folder (default: runs/<profile>)")
 THREADS = arg(
     "--threads",
     type=integer(1),
@@ -98,25 +101,11 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def cache_root(cache: Path | None, profile: str) -> Path:
-    """The cache folder of a command: --cache, else $MMSOUP_CACHE, else the profile's default."""
-    from mmsoup.profiles import get_profile
-
-    given = cache or os.environ.get("MMSOUP_CACHE")
-    if given:
-        return Path(given).expanduser()
-    if get_profile(profile).dataset == "imagenet":  # as mmsoup.data.cache.cache_dir
-        from mmsoup.data.manifest import data_root
-
-        return data_root() / "cache"
-    return Path.home() / ".cache" / "mmsoup"
-
-
-def check_cache(args: argparse.Namespace, profile: str | None = None) -> Path:
+def check_cache(args: argparse.Namespace) -> Path:
     """Refuse a cache folder the command could not write its backbone or data into."""
     cache = getattr(args, "cache", None)
     flag = "--cache" if cache else "the cache folder ($MMSOUP_CACHE)"
-    return check_writable(cache_root(cache, profile or args.profile), flag)
+    return check_writable(cache_root(cache), flag)
 
 
 @command(
@@ -178,7 +167,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.sweep is not None:
         if args.run is None or args.config is not None:
             raise MMSoupError(
-                "--sweep needs --run K (and no --config); e.g. --sweep runs/embedded/sweep.json --run 1."
+                "--sweep needs --run K (and no --config); e.g. --sweep runs/embedded/sweep/sweep.json --run 1."
             )
         if args.init is not None or args.out is not None:
             raise MMSoupError(
@@ -228,9 +217,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 @command(
     "sweep",
-    "pretrain if needed, then run (or resume) the fine-tuning sweep of a profile",
+    "pretrain if needed, then run (or resume) the fine-tuning sweep of a profile into <run-dir>/sweep",
     PROFILE,
-    arg("--out", type=Path, help="output folder (default: runs/<profile>)"),
+    RUN_DIR,
     arg("--jobs", type=integer(1), default=None, help="concurrent runs (default: the profile's)"),
     arg(
         "--configs",
@@ -245,8 +234,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from mmsoup.profiles import get_profile
 
     prof = get_profile(args.profile)  # a wrong name fails before torch is imported
-    out = args.out or Path("runs") / args.profile
-    check_writable(out, "--out")
+    run_dir = check_writable(args.run_dir or Path("runs") / args.profile, "--run-dir")
+    out = run_dir / "sweep"  # where `soup`, `evaluate` and the notebooks look for the models
     if args.configs is not None:
         check_readable(args.configs, "--configs")
     check_cache(args)
@@ -265,7 +254,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     _, lp = prepare(
         args.profile, cache_dir=args.cache, threads=args.threads, on_step=pretrain_lines
     )
-    check_free_space(out, (len(configs) + 1) * Path(lp).stat().st_size, "--out")
+    check_free_space(out, (len(configs) + 1) * Path(lp).stat().st_size, "--run-dir")
     sweep_file = write_sweep(configs, out, lp, profile=args.profile, cache_dir=args.cache)
     report = run_sweep(sweep_file, jobs=args.jobs or prof.jobs, threads=args.threads)
     _log(
@@ -380,12 +369,12 @@ DATA_ACTIONS = ("build", "verify", "fetch")
     arg("--quiet", action="store_true", help="no progress bars"),
 )
 def cmd_data(args: argparse.Namespace) -> int | None:
-    """`data build` (digits), `data verify --profile P`, `data fetch NAME...` (PAPER_NOTES §4)."""
+    """`data build` (digits), `data verify --profile P`, `data fetch NAME...` (data_manifest.csv)."""
     from mmsoup.profiles import get_profile
 
     get_profile(args.profile)
     if args.action == "build":
-        check_cache(args, "embedded")  # the digits benchmark, whatever --profile says
+        check_cache(args)  # the digits benchmark, whatever --profile says
         from mmsoup.data import digits
 
         for name, path in digits.build_all(progress=not args.quiet).items():
@@ -396,16 +385,13 @@ def cmd_data(args: argparse.Namespace) -> int | None:
 
     if args.action == "verify":
         if get_profile(args.profile).dataset != "imagenet":  # digits live in the cache, by digest
-            args.data_root = args.data_root or str(cache_root(None, args.profile))
+            args.data_root = args.data_root or str(cache_root())
         return cmd_data_verify(args)
     from mmsoup.data.manifest import data_root
 
     flag = "--data-root" if args.data_root else "the data folder ($MMSOUP_DATA)"
     check_writable(data_root(args.data_root), flag)
     return cmd_data_fetch(args)
-
-
-RUN_DIR = arg("--run-dir", type=Path, default=None, help="run folder (default: runs/<profile>)")
 
 
 @command(
@@ -479,7 +465,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     arg("rest", nargs=argparse.REMAINDER, help="arguments of mmsoup.distributed (--help there)"),
 )
 def cmd_distributed(args: argparse.Namespace) -> int | None:
-    """Forward to `python -m mmsoup.distributed` (torch.distributed; issue 6)."""
+    """Forward to `python -m mmsoup.distributed` (torch.distributed)."""
     from mmsoup.distributed import main as distributed_main
 
     return distributed_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)

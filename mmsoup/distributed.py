@@ -1,4 +1,4 @@
-"""Distributed evaluation on torch.distributed: evaluation sets sharded across ranks (issue 6).
+"""Distributed evaluation on torch.distributed: evaluation sets sharded across ranks.
 
 Under `torchrun --nproc_per_node=K [--nnodes=N ...]` every rank builds the same model and one
 `DistributedEvaluator` per evaluation set over its shard of whole batches. Rank 0 runs the recipe
@@ -9,7 +9,7 @@ Correct counts are all-reduced, so each accuracy is the single-process one (same
 integer count, same division) and the soup, its trace and its files are identical. Only rank 0
 writes files. Without torchrun (no WORLD_SIZE) everything runs in one process.
 
-    torchrun --nproc_per_node=2 -m mmsoup.distributed --ingredients runs/sweep --out mms.safetensors
+    torchrun --nproc_per_node=2 -m mmsoup.distributed --ingredients runs/embedded/sweep --out mms.safetensors
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mmsoup.errors import MMSoupError
-from mmsoup.evaluate import Evaluator, StateDict
+from mmsoup.evaluate import Evaluator, StateDict, keep_freed_memory
 
 T = TypeVar("T")
 _EVALUATORS: dict[str, DistributedEvaluator] = {}  # name -> evaluator, the same on every rank
@@ -47,8 +47,11 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, in
     return dist.get_rank(), dist.get_world_size()
 
 
-def _world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the current torch.distributed group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def shard_bounds(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
@@ -82,7 +85,7 @@ def _signature(state: StateDict) -> tuple:
 
 
 class DistributedEvaluator(Evaluator):
-    """An Evaluator over this rank's shard whose results are all-reduced across ranks (issue 6)."""
+    """An Evaluator over this rank's shard whose results are all-reduced across ranks."""
 
     def __init__(
         self,
@@ -94,7 +97,7 @@ class DistributedEvaluator(Evaluator):
         batch_size: int = 1024,
         **kwargs: Any,
     ) -> None:
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_world()
         self._spread = self.world > 1
         lo, hi = shard_bounds(images.shape[0], batch_size, self.rank, self.world)
         empty = hi <= lo  # fewer batches than ranks: this rank only joins the reductions
@@ -290,7 +293,7 @@ def serve() -> None:
 
 def run_on_rank0(fn: Callable[[], T]) -> T | None:
     """Run fn on rank 0 while the other ranks serve its evaluations; None on the workers."""
-    rank, world = _world()
+    rank, world = rank_world()
     if world == 1:
         return fn()
     if rank != 0:
@@ -420,6 +423,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.recipe == "mms":  # a wrong scheme or optimizer fails before the data are loaded
         comps = partition(first, args.scheme, model=model)
         _optimizer_class(args.optimizer)
+    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
+        keep_freed_memory()  # as the pipeline's stages on CPU
     opts = dict(device=args.device, batch_size=args.batch_size, reuse=not args.no_reuse)
     opts |= {"cache_mb": args.cache_mb}
     sets = {"heldout": _tensors(args.profile, "heldout", args.heldout)}

@@ -5,8 +5,8 @@ keeps one model instance and the held-out tensors on the device, writes each can
 Ψ'(λ)^j = λ_j·Ψ^j + (1-λ_j)·θ^j straight into the parameters (no state-dict rebuilding, no
 `load_state_dict`, no DataLoader) and runs the forward pass in inference mode (bf16 autocast on
 CUDA). Through `mixed_accuracy`, an open_clip ViT restarts its forward at the first stage whose
-weights changed since the last evaluation (`mmsoup.reuse`, issue 6), bit for bit the same accuracy.
-Class projections implement the 200-class and ObjectNet evaluations of PAPER_NOTES §4.
+weights changed since the last evaluation (`mmsoup.reuse`), bit for bit the same accuracy.
+Class projections implement Soups' 200-class (ImageNet-R/-A) and ObjectNet evaluations (Soups §3).
 Logit ensembles (Soups §2) are scored here too: each member's held-out logits, computed once.
 """
 
@@ -38,7 +38,7 @@ class Projection(Protocol):
 
 
 class ClassSubset:
-    """Logits restricted to a class subset, e.g. ImageNet-R/-A's 200 classes (PAPER_NOTES §4)."""
+    """Logits restricted to a class subset, e.g. ImageNet-R/-A's 200 classes (Soups §3)."""
 
     def __init__(self, indices: Sequence[int]) -> None:
         self.indices = torch.as_tensor(list(indices), dtype=torch.long)
@@ -60,7 +60,7 @@ class ClassSubset:
 
 
 class ClassGroups:
-    """ObjectNet-style projection: class score = max over its mapped logits (PAPER_NOTES §4)."""
+    """ObjectNet-style projection: class score = max over its mapped logits (Soups §3)."""
 
     def __init__(self, groups: Sequence[Sequence[int]]) -> None:
         if not groups or any(len(g) == 0 for g in groups):
@@ -147,7 +147,9 @@ def keep_freed_memory() -> bool:
     and the trim threshold at 1 GiB made a tiny-ViT evaluation of 1,000 images 1.74x faster on this
     project's 2-core machine (1532 -> 879 CPU ms median at batch 1,024) and removed the cost of
     keeping prefix activations (benchmarks/bench_allocator.py). Skipped when the user set glibc's own malloc variables or
-    MMSOUP_MALLOC_DEFAULTS; returns whether the settings are in effect.
+    MMSOUP_MALLOC_DEFAULTS; returns whether the settings are in effect. The setting holds for the
+    whole process, so it is opt-in: the stages that evaluate on CPU (`mmsoup.pipeline.context`,
+    `mmsoup distributed`) call it, constructing an `Evaluator` does not.
     """
     global _malloc_tuned
     if _malloc_tuned or any(k in os.environ for k in _MALLOC_ENV):
@@ -193,8 +195,6 @@ class Evaluator:
         self.device = torch.device(
             device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         )
-        if self.device.type == "cpu":
-            keep_freed_memory()
         self.model = model.to(self.device).eval()  # the ONE live instance
         self.images = images.to(self.device)  # prepared once; preprocess runs per batch
         self.labels = labels.to(self.device, torch.long)
@@ -261,7 +261,8 @@ class Evaluator:
 
     def _fitting(self, run: Callable[[], Tensor]) -> Tensor:
         """Run a whole pass over the batches; out of device memory, halve the batch and rerun it
-        (the batch size is chosen to fit: issue 5). Counts restart, so results stay exact."""
+        (the device's memory, not the caller, decides the batch size). Counts restart, so results
+        stay exact."""
         while True:
             try:
                 return run()
@@ -280,7 +281,7 @@ class Evaluator:
                 )
 
     def _mixed_hits(self) -> Tensor:
-        """`_hits` through the prefix-activation cache when the model supports it (issue 6)."""
+        """`_hits` through the prefix-activation cache when the model supports it."""
         if self._prefix is None:
             from mmsoup import reuse
 

@@ -29,7 +29,9 @@ from torchvision.transforms import v2
 
 from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
 from mmsoup.determinism import pinned
+from mmsoup.distributed import rank_world
 from mmsoup.errors import MMSoupError
+from mmsoup.io import sha256_file
 from mmsoup.models import TINY_ARCH, ImageClassifier, create_classifier
 
 AUGMENTATIONS = ("minimal", "randaugment")
@@ -194,27 +196,18 @@ def num_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _rank_world() -> tuple[int, int]:
-    """(rank, world size) of the current torch.distributed group, (0, 1) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @contextlib.contextmanager
 def process_group() -> Iterator[tuple[int, int]]:
     """(rank, world) for one run; under torchrun (WORLD_SIZE > 1) a gloo process group (the
-    fine-tuning runs on CPU) is set up for the run and torn down after it (issue 6: DDP)."""
+    fine-tuning runs on CPU) is set up for the run and torn down after it (DDP)."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
-        yield _rank_world()
+        yield rank_world()
         return
     dist.init_process_group("gloo")
     try:
-        yield _rank_world()
+        yield rank_world()
     finally:
         dist.destroy_process_group()
 
@@ -276,7 +269,7 @@ def train(
 
     from mmsoup.data import digits
 
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if config.batch_size % (2 * world):
         raise MMSoupError(
             f"batch_size {config.batch_size} does not split into {world} even per-rank batches; "
@@ -373,7 +366,7 @@ def run_finetune(
             "seed": config.seed,
             "train_images": len(labels),
             "init": str(init),
-            "init_sha256": file_sha256(init),
+            "init_sha256": sha256_file(init),  # exactly which init the run started from
             "train_seconds": round(train_time, 2),
             "wall_seconds": round(time.perf_counter() - start, 2),
             "threads": torch.get_num_threads(),
@@ -397,12 +390,3 @@ def is_done(path: str | os.PathLike) -> bool:
 def digits_cache(cache_dir: str | os.PathLike | None) -> Path | None:
     """The digits folder under a cache root (None: mmsoup.data.digits' default, $MMSOUP_CACHE/digits)."""
     return None if cache_dir is None else Path(cache_dir) / "digits"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file (records exactly which init a run started from), read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,10 +1,12 @@
-"""Atomic file output (every file mmsoup writes appears whole or not at all) and the checks of
-the paths a command will read or write, done before any work (they create nothing)."""
+"""Files and folders: atomic output (every file mmsoup writes appears whole or not at all), the
+checks of the paths a command will read or write (done before any work; they create nothing), the
+cache root, a file's sha256 and JSON input with one-sentence errors."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +16,39 @@ from pathlib import Path
 from typing import Any
 
 from mmsoup.errors import MMSoupError
+
+CACHE_ENV = "MMSOUP_CACHE"
+_BLOCK = 1 << 20  # 1 MiB: hashing streams a file, whatever its size
+
+
+def cache_root(cache: str | os.PathLike | None = None) -> Path:
+    """The cache root: `cache` if given, else $MMSOUP_CACHE, else ~/.cache/mmsoup."""
+    given = cache or os.environ.get(CACHE_ENV)
+    return Path(given or Path.home() / ".cache" / "mmsoup").expanduser()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed one is an MMSoupError naming `what`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MMSoupError(f"The {what} {path} does not exist; check the path.")
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise MMSoupError(
+            f"The {what} {path} cannot be read ({e.strerror}); fix its permissions."
+        ) from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MMSoupError(f"The {what} {path} is not valid JSON ({e}); fix or re-create it.") from e
 
 
 @contextlib.contextmanager

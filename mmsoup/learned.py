@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,7 @@ from mmsoup.checkpoints import Ingredient, iter_ingredients, library_versions, v
 from mmsoup.errors import MMSoupError
 from mmsoup.partition import validate_partition
 from mmsoup.progress import tqdm
-
-if TYPE_CHECKING:
-    from mmsoup.soups import SoupResult
+from mmsoup.result import REST, Scorer, SoupResult, ranked
 
 
 def _component_index(components: Mapping[str, Sequence[str]]) -> dict[str, int]:
@@ -148,8 +146,6 @@ def learned_soup(
     own accuracy is computed once (unless given) to rank them; `trace` has one row per evaluation,
     `info["steps"]` one row per training step.
     """
-    from mmsoup.soups import REST, SoupResult  # late: soups may import this module
-
     spec = validate_pool(ingredients)
     validate_partition(components, spec.keys(), complete=False)
     m, n = len(components), len(ingredients)
@@ -157,22 +153,8 @@ def learned_soup(
         raise MMSoupError(
             f"learned_soup needs batch_size >= 1 and epochs >= 0, got {batch_size} and {epochs}."
         )
-    trace: list[dict[str, Any]] = []
-
-    def evaluate(state, candidate: int, stage: str) -> float:
-        acc = float(evaluator(state))
-        row = dict(eval=len(trace), candidate=candidate, stage=stage, lambdas=None, acc=acc)
-        trace.append(row)  # the row format of the other recipes (mmsoup.soups)
-        return acc
-
-    if ingredient_val_accs is None:
-        accs = [evaluate(state, i, "ingredient") for i, state in iter_ingredients(ingredients)]
-    elif len(ingredient_val_accs) == n:
-        accs = [float(a) for a in ingredient_val_accs]
-    else:
-        raise MMSoupError(
-            f"ingredient_val_accs has {len(ingredient_val_accs)} entries for {n} ingredients; pass one per ingredient."
-        )
+    scorer = Scorer(evaluator)  # the trace rows of every recipe
+    accs, best_first = ranked(ingredients, scorer, ingredient_val_accs)
     images, labels = evaluator.images, evaluator.labels
     preprocess = getattr(evaluator, "preprocess", None) or (lambda x: x)
     project = getattr(evaluator, "projection", None)  # e.g. a class subset of the held-out set
@@ -214,16 +196,16 @@ def learned_soup(
 
     weights = torch.softmax(alpha.detach(), dim=1)
     state = mix(ingredients, components, weights, dtype=None)
-    val_acc = evaluate(state, -1, "final")
+    val_acc = scorer.state(state, -1, "final")
     epoch_loss = [sum(r["loss"] for r in log if r["epoch"] == e) / steps for e in range(epochs)]
     coefs = {name: weights[j].tolist() for j, name in enumerate(components)}
     return SoupResult(
         state_dict=state,
         val_acc=val_acc,
-        ingredients=sorted(range(n), key=lambda i: -accs[i]),  # all mixed at once; best first
+        ingredients=best_first,  # all mixed at once
         weights=coefs | ({REST: [1.0 / n] * n} if uncovered else {}),  # uncovered: uniform
-        n_evals=len(trace),
-        trace=trace,
+        n_evals=len(scorer.trace),
+        trace=scorer.trace,
         ingredient_val_accs=accs,
         info={
             "recipe": "learned_soup",

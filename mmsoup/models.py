@@ -2,13 +2,15 @@
 
 The wrapper mirrors Soups' `ModelWrapper` (mlfoundations/model-soups): attributes `model` (the
 open_clip CLIP model with its text transformer deleted) and `classification_head`, so a state dict
-has the released checkpoints' layout (`model.*` + `classification_head.*`, PAPER_NOTES §4) and the
+has the released checkpoints' layout (`model.*` + `classification_head.*`) and the
 same partitions apply to CLIP ViT-B/32 and to the embedded tiny ViT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
@@ -54,23 +56,46 @@ class ImageClassifier(nn.Module):
         return self.classification_head(self.features(images))
 
 
+class _NoWeightsNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded" warning: a random init is intended here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Mute open_clip's notice for the block only (and keep it from configuring logging)."""
+    root = logging.getLogger()
+    notice, placeholder = _NoWeightsNotice(), logging.NullHandler()
+    bare = not root.handlers  # `logging.warning` would add a stderr handler to a bare root
+    root.addFilter(notice)
+    if bare:
+        root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+        if bare:
+            root.removeHandler(placeholder)
+
+
 def create_classifier(
     arch: str = TINY_ARCH, num_classes: int = 10, seed: int | None = 0
 ) -> ImageClassifier:
-    """Build a randomly initialised classifier of an open_clip architecture (no weights fetched)."""
+    """Build a randomly initialised classifier of an open_clip architecture (no weights fetched).
+
+    With a `seed` the weights are drawn from torch's RNG seeded with it, inside `fork_rng`, so the
+    caller's RNG state is the same afterwards; `seed=None` draws from the caller's RNG.
+    """
     register_configs()
     if arch not in open_clip.list_models():
         raise MMSoupError(
             f"Unknown architecture {arch!r}; pick one of open_clip.list_models(), e.g. {TINY_ARCH!r} or {PAPER_ARCH!r}."
         )
-    if seed is not None:
-        torch.manual_seed(seed)
-    logging.getLogger().disabled, was = (
-        True,
-        logging.getLogger().disabled,
-    )  # "no pretrained weights" is intended
-    try:
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with rng, _quiet_random_init():
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)  # the CPU generator the init draws from
         clip_model = open_clip.create_model(arch, pretrained=None)
-    finally:
-        logging.getLogger().disabled = was
-    return ImageClassifier(clip_model, num_classes)
+        return ImageClassifier(clip_model, num_classes)

@@ -204,7 +204,7 @@ def partition(
     scheme: str,
     model: nn.Module | None = None,
 ) -> Components:
-    """Partition the floating parameters into components by `scheme` (MMS §3, Alg. 1; PAPER_NOTES §1).
+    """Partition the floating parameters into components by `scheme` (MMS §3, Alg. 1).
 
     Schemes: C8, C15, C26, prefix:D, prefix:D:split, blocks:N; '+live' (needs `model`, or a module
     as first argument) drops components that cannot change the output (see `live_components`).

@@ -26,7 +26,7 @@ from mmsoup import resume
 from mmsoup.checkpoints import load_state_dict, read_sidecar
 from mmsoup.determinism import machine_info, pinned
 from mmsoup.errors import MMSoupError
-from mmsoup.evaluate import Evaluator, correct
+from mmsoup.evaluate import Evaluator, correct, keep_freed_memory
 from mmsoup.io import atomic_path, write_json
 from mmsoup.profiles import get_profile
 
@@ -45,7 +45,7 @@ WISE_ALPHAS = tuple(round(a, 2) for a in np.linspace(0.1, 1.0, 10))
 
 
 def shifts(profile: str) -> tuple[str, ...]:
-    """Names of the five shifted test sets of a profile's benchmark (PAPER_NOTES §4)."""
+    """Names of the five shifted test sets of a profile's benchmark (Soups §3)."""
     if get_profile(profile).dataset == "digits":
         from mmsoup.data import digits
 
@@ -178,7 +178,7 @@ class Context:
 
 
 def context(profile: str, device: str | None = None) -> Context:
-    """Build the model and load every evaluation set once (PAPER_NOTES §4)."""
+    """Build the model and load every evaluation set once (Soups §3)."""
     from mmsoup.models import create_classifier
 
     prof = get_profile(profile)
@@ -210,6 +210,8 @@ def context(profile: str, device: str | None = None) -> Context:
             )
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     batch_size = 1000 if cuda else 256  # on CPU, batches of 256 run ~1.3x faster (cache-sized)
+    if not cuda:
+        keep_freed_memory()  # the stages' evaluations reuse the same activation blocks
     evaluators = {
         name: Evaluator(
             model, x, y, device=device, preprocess=pre, projection=proj, batch_size=batch_size
@@ -316,7 +318,7 @@ def soup_stage(
 
 
 def _wise(paths, accs, ev: Evaluator, file: Path, wise_ft) -> None:
-    """WiSE-FT of the best fine-tuned model toward the LP init, α chosen on held-out (PAPER_NOTES §2)."""
+    """WiSE-FT of the best fine-tuned model toward the LP init, α chosen on held-out (WiSE-FT, Wortsman et al., CVPR 2022)."""
     from mmsoup.checkpoints import save_state_dict
 
     best = max(range(1, len(paths)), key=lambda i: accs[i])  # model_0 is the LP init itself
@@ -354,7 +356,7 @@ def slug(name: str) -> str:
 # -- stage 3: evaluation -----------------------------------------------------------------------
 @_pinned_stage
 def evaluate_stage(profile: str, run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every model and soup on held-out, ID test and each shift; writes results/ (PAPER_NOTES §4)."""
+    """Every model and soup on held-out, ID test and each shift; writes results/ (Soups §3)."""
     from mmsoup.progress import tqdm
     from mmsoup.soups import ensemble_logits
 

@@ -32,6 +32,7 @@ from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
 from mmsoup.determinism import pinned
 from mmsoup.errors import MMSoupError
 from mmsoup.finetune import NUM_CLASSES, digits_cache, lr_factor
+from mmsoup.io import cache_root
 from mmsoup.models import TINY_ARCH, ImageClassifier, create_classifier
 
 LP_C_GRID = tuple(float(c) for c in np.logspace(-2, 2, 9))  # inverse L2 strengths tried on heldout
@@ -55,13 +56,6 @@ class PretrainConfig:
         """Cache key: hash of the config and of the glyph bank it trains on."""
         blob = json.dumps({**dataclasses.asdict(self), "bank": bank_sha}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache root: `cache_dir`, else $MMSOUP_CACHE, else ~/.cache/mmsoup."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("MMSOUP_CACHE", Path.home() / ".cache" / "mmsoup"))
 
 
 def _sha(*arrays: np.ndarray) -> str:

@@ -33,7 +33,7 @@ class Profile:
     dataset: str  # "digits" (embedded) or "imagenet" (paper)
     # Keyword arguments of `mmsoup.pretrain.PretrainConfig`; None: the backbone is not ours.
     pretrain: dict[str, Any] | None
-    search: str  # "random" (Soups App. J.2.1), "grid" or "released" (the 72 checkpoints)
+    search: str  # "random" (Soups App. J.2.1) or "released" (the 72 checkpoints)
     n_runs: int  # fine-tuned models in the sweep (model_0, the LP init, not counted)
     search_seed: int = 0
     # Seed of the embedded backbone's pretraining (replicates may vary it: `replicate --vary-backbone`).
@@ -109,7 +109,6 @@ PROFILES: MappingProxyType[str, Profile] = MappingProxyType(
         ),
     }
 )
-DEFAULT_PROFILE = "embedded"
 
 
 # Integer fields a profile spec may override: `paper:n_runs=3,mms_budget=8` is the paper profile

@@ -3,7 +3,8 @@
 Input is the run's long-format `results/accuracy.csv` (`method`, `kind`, `set`, `accuracy` in %,
 `n`) and `results/correct.npz` (per-example correctness per `"{method}/{set}"`, for the paired
 bootstrap). The best and second-best individual models are picked by held-out accuracy, as both
-papers pick their best fine-tuned model (PAPER_NOTES §1-2), never by a test set.
+papers pick their best fine-tuned model (Soups Recipe 1 and MMS Alg. 1 rank the models by
+held-out accuracy), never by a test set.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ _KIND_RANK = {"soup": 0, "ensemble": 1, "wise": 2, "init": 3, "individual": 4}
 _REQUIRED = ("method", "kind", "set", "accuracy")
 
 # ---------------------------------------------------------------------------------------------
-# The papers' numbers (PAPER_NOTES §4-5)
+# The papers' numbers (MMS Table 1; the test set sizes of Soups §3)
 
 PAPER_ID_SET = "ImageNet"
 PAPER_SHIFTS = ("ImageNetV2", "ImageNetSketch", "ImageNetR", "ObjectNet", "ImageNetA")
@@ -83,7 +84,7 @@ _SOUPS_NAMES = {
 
 
 def _paper_table1() -> pd.DataFrame:
-    """MMS Table 1 as printed, with the swapped IN-R / IN-Sketch labels put right (PAPER_NOTES §5)."""
+    """MMS Table 1 as printed, with the swapped IN-R / IN-Sketch labels put right."""
     nan = math.nan
     # Numbers in printed column order: ImageNet, IN-V2, printed "IN-R" (really Sketch), printed
     # "IN-Sketch" (really R), ObjectNet, IN-A, Avg OOD. Only the labels move, not the numbers.
@@ -248,7 +249,8 @@ def read_soups_individual_results(
 
     Each line is one JSON object: `model_name` and per-set accuracies as fractions; `ImageNet2p`
     becomes the `heldout` set, fractions become percent, and `init_model` (Soups' model_0, the
-    LP initialisation, PAPER_NOTES §3) becomes the `LP init` point of Soups Fig. 1.
+    linear-probe initialisation the released models were fine-tuned from) becomes the `LP init`
+    point of Soups Fig. 1.
     """
     records: list[dict] = []
     seen: set[str] = set()
@@ -376,7 +378,7 @@ def bootstrap_deltas(
 ) -> pd.DataFrame:
     """Each Table 1 row's gain over the baseline on ID and Avg OOD, with paired-bootstrap 95% CIs.
 
-    MMS claims +3.5 Avg OOD / +0.6 ImageNet over the best model (PAPER_NOTES §5); the interval says
+    MMS claims +3.5 Avg OOD / +0.6 ImageNet over the best model (MMS Table 1); the interval says
     whether a gain at our scale is larger than test-set noise. Images are resampled within each set,
     the same images for both methods; for Avg OOD each shift set is resampled independently and the
     per-set differences averaged. Columns: `model`, `baseline`, `delta_id`, `delta_id_lo`,
@@ -712,14 +714,12 @@ def figure2(
     out_dir: str | os.PathLike,
     reference: pd.DataFrame | None = None,
     title: str | None = None,
-    reference_id_set: str | None = None,
 ) -> list[Path]:
     """MMS Fig. 2 / Soups Fig. 1: ID top-1 vs Avg-OOD top-1 for every model, soup and ensemble.
 
     Writes `figure2.png` (200 dpi) and `figure2.pdf` atomically. With `reference` (e.g.
-    PAPER_TABLE1, or the papers' per-model results in the long schema) a second panel shows the
-    papers' values as hollow markers: on our axes when both use the same ID set, else in a second
-    panel.
+    PAPER_TABLE1, or the papers' per-model results in the long schema) on the same ID set, the
+    papers' values are drawn on our axes as hollow markers.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -730,12 +730,11 @@ def figure2(
         raise MMSoupError("No method has both ID and every shift accuracy; nothing to plot.")
     ref_pts = None
     if reference is not None:
-        ref_id = reference_id_set or (
-            id_set
-            if id_set in reference.columns or id_set in set(reference.get("set", []))
-            else PAPER_ID_SET
-        )
-        ref_pts = _reference_points(reference, ref_id)
+        if id_set not in reference.columns and id_set not in set(reference.get("set", [])):
+            raise MMSoupError(
+                f"The reference has no {id_set} accuracy; the papers' values are drawn only on the same ID set."
+            )
+        ref_pts = _reference_points(reference, id_set)
         if ref_pts.empty:
             raise MMSoupError("The reference has no point with both ID and Avg OOD accuracy.")
     rc = {
@@ -754,47 +753,35 @@ def figure2(
     }
     import matplotlib as mpl
 
-    # Same ID set (the paper profile): overlay the papers' values as hollow markers on our axes, so
-    # each reported point sits beside ours; different ID sets (embedded run): a second panel.
-    overlay = ref_pts is not None and ref_id == id_set
-    ncols = 2 if ref_pts is not None and not overlay else 1
+    # the papers' values as hollow markers on our axes, so each reported point sits beside ours
     with mpl.rc_context(
         rc
     ):  # no global state: the caller's pyplot backend and style stay as they are
-        fig = Figure(figsize=(7.2 if ncols == 1 else 12.0, 6.2), layout="constrained")
+        fig = Figure(figsize=(7.2, 6.2), layout="constrained")
         FigureCanvasAgg(fig)
-        axes = fig.subplots(1, ncols, squeeze=False)[0]
+        ax = fig.subplots()
         extras: dict = {}
-        ylabel = f"Avg OOD top-1 accuracy (%)\nmean over {len(shifts)} shifted test sets"
-        _scatter(axes[0], pts, hollow=False, extras=extras)
-        axes[0].set_xlabel(f"ID top-1 accuracy on {id_set} (%)")
-        axes[0].set_ylabel(ylabel)
+        _scatter(ax, pts, hollow=False, extras=extras)
+        ax.set_xlabel(f"ID top-1 accuracy on {id_set} (%)")
+        ax.set_ylabel(f"Avg OOD top-1 accuracy (%)\nmean over {len(shifts)} shifted test sets")
         legend_title = None
-        if overlay:
-            _scatter(axes[0], ref_pts, hollow=True, extras=extras)
+        if ref_pts is not None:
+            _scatter(ax, ref_pts, hollow=True, extras=extras)
             legend_title = "filled: this run    hollow: reported in the papers"
-        elif ref_pts is not None:
-            _scatter(axes[1], ref_pts, hollow=True, extras=extras)
-            axes[0].set_title("This run")
-            axes[1].set_title("Reported in the papers")
-            axes[1].set_xlabel(f"ID top-1 accuracy on {ref_id} (%)")
-            axes[1].set_ylabel(ylabel)
-        for ax in axes:
-            ax.xaxis.set_major_locator(MaxNLocator(7))
-            ax.yaxis.set_major_locator(MaxNLocator(7))
-            ax.margins(0.06)
+        ax.xaxis.set_major_locator(MaxNLocator(7))
+        ax.yaxis.set_major_locator(MaxNLocator(7))
+        ax.margins(0.06)
         # One legend below the axes, so it never covers a point; a label drawn both filled and
         # hollow shows its filled (this run's) handle.
         handles: dict[str, object] = {}
-        for ax in axes:
-            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-                handles.setdefault(lab, h)
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
         labels = sorted(handles, key=_legend_order)
         fig.legend(
             [handles[k] for k in labels],
             labels,
             loc="outside lower center",
-            ncols=min(3 if ncols == 1 else 5, len(labels)),
+            ncols=min(3, len(labels)),
             frameon=False,
             title=legend_title,
             title_fontsize=10,

@@ -120,7 +120,7 @@ def reproduce(
             )
     times: dict[str, float] = {}
     for i, name in enumerate(notebooks, 1):
-        params = {"profile": profile, "run_dir": str(run_dir), "interactive": False}
+        params = {"profile": profile, "run_dir": str(run_dir)}
         if "figures_dir" in notebook_parameters(notebooks_dir() / f"{name}.ipynb"):
             params["figures_dir"] = str(out)
         params.update(extra or {})

@@ -1,6 +1,6 @@
 """Resumable manifold mixing soups: the run's state after each candidate, written atomically.
 
-An MMS run on the paper's scale takes hours (PAPER_NOTES §1: ~59 h for C8). With a state file,
+An MMS run on the paper's scale takes hours (about 59 h for C8 with the MMS author's code). With a state file,
 `manifold_mixing_soup` records after every candidate's decision what the next candidate needs:
 
 - `<state>.json`: the position in the best-first order, the mixed list, Ψ's accuracy, the
@@ -37,18 +37,10 @@ from mmsoup.checkpoints import (
     sidecar_path,
 )
 from mmsoup.errors import MMSoupError
-from mmsoup.io import write_json
+from mmsoup.io import sha256_file, write_json
 
 STATE_FORMAT = "mmsoup-mms-state/1"
 _PROBE = 4  # elements read from each end of every tensor: tells fine-tunes apart, costs nothing
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tensor_bytes(t: Tensor) -> bytes:
@@ -163,7 +155,7 @@ def save(
         save_state_dict(state.psi, psi_file, meta={"mms_state": state_file.name})
     record = {f.name: getattr(state, f.name) for f in fields(state) if f.name != "psi"}
     record |= {"format": STATE_FORMAT, "fingerprint": dict(fp)}
-    record |= {"psi_file": psi_file.name, "psi_sha256": _sha256_file(psi_file)}
+    record |= {"psi_file": psi_file.name, "psi_sha256": sha256_file(psi_file)}
     write_json(state_file, record)
     for old in _psi_files(state_file):  # Ψ files of earlier acceptances or of a killed attempt
         if old != psi_file:
@@ -192,7 +184,7 @@ def load(state_file: str | os.PathLike, fp: Mapping[str, Any]) -> MMSState | Non
             "or pass the same inputs to resume."
         )
     psi_file = state_file.with_name(record["psi_file"])
-    if not psi_file.is_file() or _sha256_file(psi_file) != record["psi_sha256"]:
+    if not psi_file.is_file() or sha256_file(psi_file) != record["psi_sha256"]:
         raise MMSoupError(
             f"{psi_file}, the fused model that {state_file} resumes from, is missing or altered; "
             "delete the state file to start the run over."

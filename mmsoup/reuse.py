@@ -1,6 +1,6 @@
 """Prefix-activation reuse for the MMS objective: recompute a ViT from its first changed stage.
 
-Cobyla's first m+1 evaluations (MMS Alg. 1, PAPER_NOTES §1/§6) move one λ coordinate each, and
+Cobyla's first m+1 evaluations (MMS Alg. 1) move one λ coordinate each, and
 components outside the image tower (the released checkpoints' text leftovers) change nothing. For
 an open_clip ViT classifier the forward is cut into stages in forward order: stem (patch embedding,
 class/positional embeddings, ln_pre), each transformer block, pool (ln_post, proj, L2 norm) and the

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import nevergrad as ng
 import numpy as np
 import torch
 from nevergrad.common.errors import FinishedUnderlyingOptimizerWarning, NevergradWarning
+from nevergrad.optimization.recaster import _MessagingThread
 from torch import Tensor
 
 from mmsoup import resume
@@ -30,7 +29,6 @@ from mmsoup.checkpoints import (
     iter_ingredients,
     library_versions,
     open_ingredient,
-    save_state_dict,
     validate_pool,
 )
 from mmsoup.errors import MMSoupError
@@ -41,81 +39,23 @@ from mmsoup.evaluate import (  # noqa: F401 (the ensembles are re-exported from 
     greedy_ensemble,
     logit_ensemble,
 )
+from mmsoup.learned import learned_soup  # noqa: F401 (Soups App. I; re-exported as a recipe)
 from mmsoup.partition import validate_partition
 from mmsoup.progress import tqdm
-
-StateDict = Mapping[str, Tensor]
-ValAcc = Callable[[StateDict], float]
-ALL = "all"  # the single component of a whole-model recipe (uniform/greedy weights)
-REST = "_uncovered"  # keys outside every MMS component: they follow λ0 = k/(k+1)
-# nevergrad runs scipy's COBYLA in a thread that outlives each ask/tell, so its harmless complaints
-# about nevergrad's settings (tol=0, maxiter < m+2) would escape a local catch_warnings
-warnings.filterwarnings("ignore", message="COBYLA: Invalid", category=UserWarning)
-
-
-@dataclass
-class SoupResult:
-    """A fused model, its held-out accuracy and how it was made (any soup recipe)."""
-
-    state_dict: dict[str, Tensor]
-    val_acc: float
-    ingredients: list[int]  # indices into the inputs, in mixing order (best model first)
-    weights: dict[str, list[float]]  # component -> one coefficient per input, summing to 1
-    n_evals: int  # every val_acc evaluation, the ingredients' own included
-    trace: list[dict[str, Any]]  # one row per evaluation
-    ingredient_val_accs: list[float]
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the fused state dict (.safetensors) with weights, trace and info in the sidecar."""
-        meta = {k: getattr(self, k) for k in ("val_acc", "ingredients", "weights", "n_evals")}
-        meta |= {"ingredient_val_accs": self.ingredient_val_accs, "trace": self.trace}
-        return save_state_dict(self.state_dict, path, meta={**meta, "info": self.info})
-
-
-class _Scorer:
-    """Runs, counts and traces every real val_acc evaluation."""
-
-    def __init__(self, val_acc: ValAcc | Evaluator) -> None:
-        self.val_acc, self.trace = val_acc, []
-        self.fast = isinstance(val_acc, Evaluator)
-
-    def _log(
-        self, acc: float, candidate: int, stage: str, lambdas: Sequence[float] | None
-    ) -> float:
-        lam = None if lambdas is None else [float(v) for v in lambdas]
-        row = dict(eval=len(self.trace), candidate=candidate, stage=stage, lambdas=lam, acc=acc)
-        self.trace.append(row)
-        return acc
-
-    def state(self, state: StateDict, candidate: int, stage: str, lambdas=None) -> float:
-        return self._log(float(self.val_acc(state)), candidate, stage, lambdas)
-
-    def mixed(self, base, other, plan, full, candidate: int, stage: str, lambdas) -> float:
-        if self.fast:
-            acc = float(self.val_acc.mixed_accuracy(base, other, plan, full))
-        else:
-            acc = float(self.val_acc(interpolate(base, other, plan, full)))
-        return self._log(acc, candidate, stage, lambdas)
+from mmsoup.result import (  # noqa: F401 (SoupResult and the types are re-exported from here)
+    ALL,
+    REST,
+    Scorer,
+    SoupResult,
+    StateDict,
+    ValAcc,
+    best_first,
+    ranked,
+)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # sum low-precision weights in float32
-
-
-def _ranked(
-    ingredients: Sequence[Ingredient], scorer: _Scorer, given
-) -> tuple[list[float], list[int]]:
-    """Each ingredient's own accuracy (computed once unless `given`) and the order best-first."""
-    if given is not None:
-        if len(given) != len(ingredients):
-            raise MMSoupError(
-                f"ingredient_val_accs has {len(given)} entries for {len(ingredients)} ingredients; pass one per ingredient."
-            )
-        accs = [float(a) for a in given]
-    else:
-        accs = [scorer.state(sd, i, "ingredient") for i, sd in iter_ingredients(ingredients)]
-    return accs, sorted(range(len(accs)), key=lambda i: -accs[i])  # stable: ties keep input order
 
 
 def interpolate(base: StateDict, other: StateDict, components, lambdas) -> dict[str, Tensor]:
@@ -160,8 +100,8 @@ def greedy_soup(
     t0 = time.perf_counter()
     spec = validate_pool(ingredients)
     dtypes = {k: dt for k, (_, dt) in spec.items()}
-    scorer = _Scorer(val_acc)
-    accs, order = _ranked(ingredients, scorer, ingredient_val_accs)
+    scorer = Scorer(val_acc)
+    accs, order = ranked(ingredients, scorer, ingredient_val_accs)
     first = open_ingredient(ingredients[order[0]])
     total = {
         k: v.to(_acc_dtype(v.dtype), copy=True) for k, v in first.items()
@@ -217,9 +157,23 @@ def _concrete_name(opt) -> str:
     return name if len(name) <= 80 else name.split("(")[0]  # portfolios have very long names
 
 
+def _stop_optimizer_threads(before: set[threading.Thread]) -> None:
+    """Stop and join the threads nevergrad started to run scipy or cma optimizers since `before`."""
+    for thread in threading.enumerate():
+        if thread not in before and isinstance(thread, _MessagingThread):
+            thread.stop()  # a thread waiting for its next value raises and ends
+            thread.join(timeout=60)
+
+
 @contextlib.contextmanager
 def _optimizer_env(seed: int) -> Iterator[None]:
-    """Seed what nevergrad's sub-optimizers draw from outside the parametrization; mute chatter."""
+    """Seed what nevergrad's sub-optimizers draw from outside the parametrization; mute chatter.
+
+    nevergrad runs scipy's and cma's optimizers in threads that outlive an ask/tell; they are
+    stopped inside the block, so their warnings (e.g. scipy's COBYLA on nevergrad's settings) stay
+    under its filters and no thread draws from numpy's global RNG after its state is restored.
+    """
+    before = set(threading.enumerate())
     state = np.random.get_state()
     np.random.seed(seed % 2**32)  # e.g. restart points of CmaFmin2 use numpy's global RNG
     try:
@@ -234,17 +188,29 @@ def _optimizer_env(seed: int) -> Iterator[None]:
             warnings.filterwarnings("ignore", category=NevergradWarning)
             warnings.filterwarnings("ignore", module=r"(cma|scipy|nevergrad)(\.|$)")
             warnings.simplefilter("error", FinishedUnderlyingOptimizerWarning)
-            yield
+            try:
+                yield
+            finally:
+                _stop_optimizer_threads(before)
     finally:
         np.random.set_state(state)
         if cma_opts is not None:
             cma_opts.cma_default_options["seed"] = cma_seed
 
 
+def _mixed(scorer: Scorer, base, other, plan, full, candidate: int, stage: str, lambdas) -> float:
+    """Score Ψ'(λ): mixed in place by an Evaluator, else rebuilt by `interpolate`."""
+    if isinstance(scorer.val_acc, Evaluator):
+        acc = float(scorer.val_acc.mixed_accuracy(base, other, plan, full))
+    else:
+        acc = float(scorer.val_acc(interpolate(base, other, plan, full)))
+    return scorer.log(acc, candidate, stage, lambdas)
+
+
 class _Search:
     """One candidate's λ search: memoised evaluations of Ψ'(λ), the best point first on ties."""
 
-    def __init__(self, scorer: _Scorer, psi, theta, plan, lam0: float, candidate: int, m: int):
+    def __init__(self, scorer: Scorer, psi, theta, plan, lam0: float, candidate: int, m: int):
         self.scorer, self.psi, self.theta, self.plan = scorer, psi, theta, plan
         self.lam0, self.candidate, self.m, self.stage = lam0, candidate, m, "approx"
         self.memo: dict[bytes, float] = {}  # λ -> accuracy: never pay twice for one point
@@ -258,7 +224,7 @@ class _Search:
         key = lam.tobytes()
         if key not in self.memo:
             args = (self.psi, self.theta, self.plan, self.full(lam), self.candidate, self.stage)
-            self.memo[key] = self.scorer.mixed(*args, lam)
+            self.memo[key] = _mixed(self.scorer, *args, lam)
             self.found.append((self.memo[key], lam.copy()))
         return self.memo[key]
 
@@ -356,8 +322,8 @@ def manifold_mixing_soup(
 
     params = {"tau": tau, "budget": int(budget), "optimizer": optimizer, "seed": seed}
     params |= {"variant": variant, **opts}
-    scorer = _Scorer(val_acc)
-    device = val_acc.device if scorer.fast else torch.device("cpu")
+    scorer = Scorer(val_acc)
+    device = val_acc.device if isinstance(val_acc, Evaluator) else torch.device("cpu")
     fp = saved = None
     if state_file is not None:
         given = None if ingredient_val_accs is None else [float(a) for a in ingredient_val_accs]
@@ -366,7 +332,7 @@ def manifold_mixing_soup(
         )
         saved = resume.load(state_file, fp)
     if saved is None:
-        accs, order = _ranked(ingredients, scorer, ingredient_val_accs)
+        accs, order = ranked(ingredients, scorer, ingredient_val_accs)
         first = open_ingredient(ingredients[order[0]])
         psi = {k: v.to(device, copy=True) for k, v in first.items()}  # Ψ ← θ_0 (owned)
         del first
@@ -375,7 +341,7 @@ def manifold_mixing_soup(
         ran, decisions, done, elapsed, resumed_at = [], [], 0, 0.0, []
     else:  # resume after the last decided candidate (the ranking is not recomputed)
         accs, scorer.trace = saved.ingredient_val_accs, saved.trace
-        order = sorted(range(len(accs)), key=lambda i: -accs[i])  # as _ranked
+        order = best_first(accs)  # as `ranked`
         psi = {k: v.to(device, copy=True) for k, v in saved.psi.items()}
         acc_psi, mixed, done = saved.acc_psi, saved.mixed, saved.done
         weights = {c: np.asarray(w, dtype=np.float64) for c, w in saved.weights.items()}
@@ -505,10 +471,7 @@ def mix_from_weights(
 
 
 def wise_ft(zeroshot: Ingredient, finetuned: Ingredient, alpha: float) -> dict[str, Tensor]:
-    """WiSE-FT: θ(α) = (1-α)·θ_zeroshot + α·θ_finetuned (PAPER_NOTES §2)."""
+    """WiSE-FT: θ(α) = (1-α)·θ_zeroshot + α·θ_finetuned (WiSE-FT, Wortsman et al., CVPR 2022)."""
     validate_pool([zeroshot, finetuned])
     zs, ft = open_ingredient(zeroshot), open_ingredient(finetuned)
     return {k: torch.lerp(zs[k], ft[k], float(alpha)) for k in zs}
-
-
-from mmsoup.learned import learned_soup  # noqa: E402,F401 (Soups App. I; re-exported as a recipe)

@@ -10,7 +10,6 @@ locally, skipping finished runs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -19,7 +18,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +26,8 @@ import numpy as np
 from mmsoup.checkpoints import read_sidecar, sidecar_path
 from mmsoup.determinism import child_env
 from mmsoup.errors import MMSoupError
-from mmsoup.finetune import FinetuneConfig, file_sha256, is_done, run_finetune
-from mmsoup.io import atomic_path, write_json
+from mmsoup.finetune import FinetuneConfig, is_done, run_finetune
+from mmsoup.io import atomic_path, read_json, sha256_file, write_json
 from mmsoup.progress import tqdm
 
 SWEEP_FORMAT = "mmsoup-sweep/1"
@@ -108,37 +106,9 @@ def random_search(
     return configs
 
 
-# Our reading of Soups' three augmentation strengths (PAPER_NOTES §3 names them only), within
-# the digits-scaled magnitudes of SearchSpace (torchvision's 0..30 scale).
-GRID_AUGMENTS = {
-    "minimal": {"augment": "minimal", "randaug_m": 0, "randaug_n": 0},
-    "medium": {"augment": "randaugment", "randaug_m": 8, "randaug_n": 1},
-    "strong": {"augment": "randaugment", "randaug_m": 15, "randaug_n": 2},
-}
-
-
-def standard_grid(
-    lrs: Sequence[float] = (5e-4, 1e-3, 2e-3),
-    augments: Sequence[str] = ("minimal", "medium", "strong"),
-    mixup_alphas: Sequence[float] = (0.0, 0.5),
-    seeds: Sequence[int] = (0, 1),
-    **overrides: Any,
-) -> list[FinetuneConfig]:
-    """Soups' standard grid: lr x {minimal, medium, strong} augmentation x mixup off/on x seeds."""
-    unknown = [a for a in augments if a not in GRID_AUGMENTS]
-    if unknown:
-        raise MMSoupError(
-            f"Unknown grid augmentation {unknown[0]!r}; use {', '.join(GRID_AUGMENTS)}."
-        )
-    return [
-        FinetuneConfig(lr=lr, mixup_alpha=mix, seed=seed, **GRID_AUGMENTS[aug], **overrides)
-        for lr, aug, mix, seed in product(lrs, augments, mixup_alphas, seeds)
-    ]
-
-
 def load_configs(path: str | os.PathLike) -> list[FinetuneConfig]:
     """An explicit list of run configs from a JSON file (a list of dicts, or {"runs": [...]})."""
-    data = _read_json(path, "config list")
+    data = read_json(path, "config list")
     if isinstance(data, dict):
         data = data.get("runs")
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
@@ -160,8 +130,6 @@ def profile_configs(profile: str) -> list[FinetuneConfig]:
     if prof.search == "random":
         space = SearchSpace(**prof.space)
         return random_search(prof.n_runs, prof.search_seed, space, **overrides)
-    if prof.search == "grid":
-        return standard_grid(**overrides)
     raise MMSoupError(
         f"Profile {profile!r} uses the released checkpoints ({prof.search}); there is no sweep to run, "
         "use --profile embedded or smoke."
@@ -197,7 +165,7 @@ class Sweep:
         side = read_sidecar(path)
         return side.get("config") == self.run(k)[1].to_json() and side.get(
             "init_sha256"
-        ) == file_sha256(self.init)
+        ) == sha256_file(self.init)
 
     def run(self, k: int) -> tuple[str, FinetuneConfig]:
         """(name, config) of run k (1-based); an out-of-range k is an MMSoupError."""
@@ -213,10 +181,10 @@ def check_sweep_folder(configs: Sequence[FinetuneConfig], out: str | os.PathLike
     path = Path(out) / "sweep.json"
     runs = [{"name": f"model_{i}", "config": c.to_json()} for i, c in enumerate(configs, 1)]
     if path.is_file():
-        old = _read_json(path, "sweep file")
+        old = read_json(path, "sweep file")
         if not isinstance(old, dict) or old.get("runs") != runs:
             raise MMSoupError(
-                f"{path} already holds a different sweep; pass another --out or delete that folder."
+                f"{path} already holds a different sweep; pass another --run-dir or delete that folder."
             )
     return runs
 
@@ -237,7 +205,7 @@ def write_sweep(
     path = out / "sweep.json"
     runs = check_sweep_folder(configs, out)
     init_copy = out / f"{INIT_NAME}.safetensors"
-    if not init_copy.is_file() or file_sha256(init_copy) != file_sha256(init):
+    if not init_copy.is_file() or sha256_file(init_copy) != sha256_file(init):
         with atomic_path(init_copy) as tmp:
             shutil.copyfile(init, tmp)
         write_json(
@@ -260,7 +228,7 @@ def write_sweep(
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """Read and check a sweep file (see write_sweep)."""
     path = Path(path)
-    data = _read_json(path, "sweep file")
+    data = read_json(path, "sweep file")
     if not isinstance(data, dict) or data.get("format") != SWEEP_FORMAT:
         raise MMSoupError(
             f"{path} is not an mmsoup sweep file (format {SWEEP_FORMAT!r}); create one with "
@@ -439,18 +407,3 @@ def summary(sweep_file: str | os.PathLike) -> list[dict[str, Any]]:
              "wall_seconds": side.get("wall_seconds")}
         )  # fmt: skip
     return rows
-
-
-def _read_json(path: str | os.PathLike, what: str) -> Any:
-    """Parse a JSON file; missing or malformed is an MMSoupError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise MMSoupError(f"The {what} {path} does not exist; check the path.")
-    try:
-        return json.loads(path.read_text())
-    except OSError as e:
-        raise MMSoupError(
-            f"The {what} {path} cannot be read ({e.strerror}); fix its permissions."
-        ) from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MMSoupError(f"The {what} {path} is not valid JSON ({e}); fix or re-create it.") from e

@@ -1,6 +1,7 @@
 """Checkpoints: safe loading, round trips, provenance sidecars, pool validation, streaming."""
 
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -98,6 +99,22 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"w": torch.ones(2), "x": Payload()}, path)
     with pytest.raises(MMSoupError, match="evil.pt is refused"):
+        load_state_dict(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_plain_pickle_that_would_run_code_is_refused_as_such(tmp_path, protocol):
+    """Not torch.save's zip: a protocol 4+ pickle fails on its framing before any import."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"w": torch.ones(2), "x": Payload()}, protocol=protocol))
+    with pytest.raises(MMSoupError, match="evil.pt is refused: it is a pickle that would run code"):
         load_state_dict(path)
     assert not marker.exists()
 

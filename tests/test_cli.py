@@ -33,10 +33,28 @@ def test_missing_sweep_file_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback():
+    # the profile is checked before torch is imported: a real process, started quickly
     cmd = [sys.executable, "-m", "mmsoup", "sweep", "--profile", "tiny", "--debug"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert "Traceback" in proc.stderr and "MMSoupError: Unknown profile 'tiny'" in proc.stderr
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
+    assert "mmsoup.errors.MMSoupError: Unknown profile 'tiny'" in proc.stderr
+
+
+def test_sweep_then_soup_share_their_default_run_folder(tmp_path, monkeypatch, capsys):
+    """`mmsoup sweep` writes runs/<profile>/sweep/, where `mmsoup soup` (and the notebooks) read.
+
+    The default cache is shared with the other end-to-end tests: the smoke backbone is pretrained once.
+    """
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", "--profile", "smoke"]) == 0
+    sweep = tmp_path / "runs" / "smoke" / "sweep"
+    assert (sweep / "sweep.json").is_file()
+    assert sorted(p.name for p in sweep.glob("model_*.safetensors")) == [
+        f"model_{i}.safetensors" for i in range(5)
+    ]
+    assert cli.main(["soup", "--profile", "smoke", "--recipe", "Uniform soup"]) == 0
+    assert "Uniform soup" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "smoke" / "soups" / "uniform_soup.safetensors").is_file()
 
 
 def test_a_registered_command_is_parsed_and_its_errors_handled(capsys):

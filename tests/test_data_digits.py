@@ -1,4 +1,4 @@
-"""The embedded digits benchmark: deterministic, disjoint, balanced, checksummed (issue 3)."""
+"""The embedded digits benchmark: deterministic, disjoint, balanced, checksummed."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from mmsoup.data import digits
 from mmsoup.errors import MMSoupError
+from mmsoup.io import sha256_file
 
 SETS = (*digits.SPLITS, *digits.SHIFTS)
 
@@ -27,7 +28,7 @@ def test_build_reproduces_the_manifest_digests(built):
     expected = digits.expected_sha256()
     assert set(expected) == set(built)
     for name, path in built.items():
-        assert digits.sha256(path) == expected[name], name
+        assert sha256_file(path) == expected[name], name
 
 
 def test_sets_share_no_image(built):
@@ -63,7 +64,7 @@ def test_a_corrupt_cache_file_is_rebuilt(built, tmp_path):
     data[-100] ^= 0xFF
     victim.write_bytes(bytes(data))
     images, labels = digits.load("heldout", tmp_path)
-    assert digits.sha256(victim) == digits.expected_sha256()["heldout"]
+    assert sha256_file(victim) == digits.expected_sha256()["heldout"]
     assert np.array_equal(images, digits.load("heldout")[0])
 
 

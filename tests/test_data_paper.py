@@ -1,4 +1,4 @@
-"""The paper data layer on tiny stand-ins in the published layouts (PAPER_NOTES §4), CPU only."""
+"""The paper data layer on tiny stand-ins in the published layouts (Soups §3's sets), CPU only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Distributed evaluation (issue 6): 2 gloo ranks on CPU give the single-process soups bit for bit."""
+"""Distributed evaluation: 2 gloo ranks on CPU give the single-process soups bit for bit."""
 
 import torch
 import torch.distributed as dist

@@ -1,4 +1,4 @@
-"""A fine-tuning run under DDP (issue 6): 2 gloo ranks on CPU split each batch and match one process."""
+"""A fine-tuning run under DDP: 2 gloo ranks on CPU split each batch and match one process."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_two_ranks_train_the_same_model_as_one_process(tmp_path, monkeypatch):
 def test_batch_that_does_not_split_into_even_rank_slices_is_refused(monkeypatch):
     import mmsoup.finetune as ft
 
-    monkeypatch.setattr(ft, "_rank_world", lambda: (0, 3))
+    monkeypatch.setattr(ft, "rank_world", lambda: (0, 3))
     config = FinetuneConfig(batch_size=16)  # 16 does not split into 3 even slices
     with pytest.raises(MMSoupError, match="multiple of 6"):
         train(create_classifier(seed=0), *_data(), config)

@@ -124,6 +124,7 @@ def test_weights_sum_to_one_and_rebuild_the_state_dict(pool, evaluator):
         progress=False,
         ingredient_val_accs=accs,
     )
+    assert res.ingredients == list(range(N_INGREDIENTS))  # best first; ties keep input order
     assert list(res.weights) == [*components, REST]  # + the uniform weights of uncovered keys
     for coefs in res.weights.values():
         assert len(coefs) == N_INGREDIENTS and sum(coefs) == pytest.approx(1.0, abs=1e-6)

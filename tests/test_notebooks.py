@@ -47,7 +47,7 @@ def test_a_failing_cell_names_the_notebook_and_cell(tmp_path):
     with pytest.raises(MMSoupError, match=r"Notebook 03_ood_evaluation failed in cell \d+"):
         run_notebook(
             "03_ood_evaluation",
-            {"profile": "smoke", "run_dir": str(tmp_path / "empty"), "interactive": False},
+            {"profile": "smoke", "run_dir": str(tmp_path / "empty")},
             tmp_path / "out",
             stream=False,
         )

@@ -1,4 +1,4 @@
-"""The `paper` profile end to end on stand-ins (issue 5): ViT-B-32 checkpoints in the released `.pt`
+"""The `paper` profile end to end on stand-ins: ViT-B-32 checkpoints in the released `.pt`
 layout, every dataset in its published folder layout, notebooks 01 -> 05 through papermill, on CPU.
 
 The profile spec `paper:n_runs=2,...` keeps everything else of the paper profile (architecture,

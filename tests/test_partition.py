@@ -1,4 +1,4 @@
-"""Component partitions: paper groups (PAPER_NOTES §1), coverage, block groups, live detection."""
+"""Component partitions: the paper's groups (MMS §3), coverage, block groups, live detection."""
 
 import pytest
 import torch
@@ -30,7 +30,7 @@ BLOCKS = [f"model.visual.transformer.resblocks.{i}" for i in range(12)]
 VISUAL_C26 = VISUAL_C15[:5] + BLOCKS + VISUAL_C15[6:]
 TEXT_C8 = ["model.positional_embedding", "model.text_projection", "model.logit_scale"]
 TEXT_C8_TAIL = ["model.token_embedding", "model.ln_final"]
-EXPECTED = {  # PAPER_NOTES §1, in checkpoint key order
+EXPECTED = {  # MMS §3, in checkpoint key order
     "C8": TEXT_C8 + ["model.visual"] + TEXT_C8_TAIL + HEAD,
     "C15": TEXT[:3] + VISUAL_C15 + TEXT[3:] + HEAD,
     "C26": TEXT[:3] + VISUAL_C26 + TEXT[3:] + HEAD,

@@ -30,8 +30,11 @@ def test_notebook_is_committed_clean_and_parameterised(path):
     assert all(not c.outputs and c.execution_count is None for c in code), "strip outputs"
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
-    for name in ("profile", "run_dir", "interactive"):
+    wanted = ("profile", "run_dir") + (("interactive",) if path.name.startswith("06_") else ())
+    for name in wanted:  # only the λ explorer has an interactive mode
         assert re.search(rf"^{name}\s*=", tagged[0].source, re.M), f"parameter {name} missing"
+    if not path.name.startswith("06_"):
+        assert "interactive" not in tagged[0].source, "an unused parameter"
 
 
 def test_environment_yml_lists_the_same_dependencies_as_pyproject():

@@ -1,4 +1,6 @@
-"""Prefix-activation reuse (issue 6): restarting at the first changed stage is bit for bit a full forward."""
+"""Prefix-activation reuse: restarting at the first changed stage is bit for bit a full forward."""
+
+import copy
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ from torch import nn
 from mmsoup.evaluate import ClassSubset, Evaluator
 from mmsoup.models import create_classifier
 from mmsoup.partition import partition
-from mmsoup.soups import manifold_mixing_soup
+from mmsoup.soups import interpolate, manifold_mixing_soup
 
 N, BATCH = 40, 16  # 3 batches, the last one partial
 
@@ -100,6 +102,7 @@ def test_cache_is_keyed_by_weight_content_not_by_calls(case):
     ref = Evaluator(create_classifier(seed=8), x, y, device="cpu", batch_size=BATCH, reuse=False)
     lam = [0.3] * len(comps)
     first = ev.mixed_accuracy(base, other, comps, lam)
+    assert first == ref.mixed_accuracy(base, other, comps, lam)  # a plain full forward
     other_set(other)  # the shared model now holds `other`
     assert ev.accuracy() == ref(other)
     head = {"head": ["classification_head.weight", "classification_head.bias"]}
@@ -149,4 +152,8 @@ def test_models_other_than_open_clip_vits_take_the_plain_path():
     comps = {"first": ["0.weight", "0.bias"], "second": ["2.weight", "2.bias"]}
     acc = ev.mixed_accuracy(state, other, comps, [0.5, 0.25])
     assert ev.reuse_stats == {} and ev._prefix is False
-    assert acc == ev.accuracy()
+    ref = copy.deepcopy(mlp)  # another instance, loaded with the rebuilt Ψ'(λ), scored by hand
+    ref.load_state_dict(interpolate(state, other, comps, [0.5, 0.25]))
+    with torch.inference_mode():
+        hits = sum(int((ref(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(8), y.split(8)))
+    assert acc == hits / len(y)

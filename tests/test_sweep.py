@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,6 @@ from mmsoup.sweep import (
     profile_configs,
     random_search,
     run_sweep,
-    standard_grid,
     write_sweep,
 )
 
@@ -57,17 +55,6 @@ def test_profiles_give_their_sweeps():
         profile_configs("paper")
 
 
-def test_standard_grid_crosses_lr_augmentation_mixup_and_seeds():
-    grid = standard_grid(lrs=(1e-3, 2e-3))
-    assert len(grid) == 2 * 3 * 2 * 2 == len(set(grid))
-    assert {(c.augment, c.randaug_n) for c in grid} == {
-        ("minimal", 0),
-        ("randaugment", 1),
-        ("randaugment", 2),
-    }
-    assert {c.mixup_alpha for c in grid} == {0.0, 0.5} and {c.seed for c in grid} == {0, 1}
-
-
 def test_an_explicit_config_list_loads_and_rejects_typos(tmp_path):
     path = tmp_path / "configs.json"
     path.write_text(json.dumps([{"lr": 1e-3, "epochs": 2}, {"lr": 2e-3, "augment": "minimal"}]))
@@ -100,21 +87,49 @@ def test_the_runner_resumes_only_the_missing_run(sweep_file):
     assert is_done(sweep.checkpoint(2)) and (sweep.out / "logs" / "model_2.log").is_file()
 
 
-def test_a_killed_run_leaves_no_checkpoint_and_the_sweep_resumes(sweep_file):
-    cmd = [sys.executable, "-m", "mmsoup", "finetune", "--sweep", str(sweep_file), "--run", "1"]
-    cmd += ["--threads", "1"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ})
-    assert proc.stderr.readline().startswith("step 1/")  # it is training
-    proc.send_signal(signal.SIGKILL)
+# `mmsoup finetune` whose checkpoint writer stops after the bytes are on disk, before the rename
+PAUSED_WRITER = """
+import sys, time
+import mmsoup.checkpoints as ck
+write = ck.save_file
+def paused(tensors, path, metadata=None):
+    write(tensors, path, metadata=metadata)
+    print("checkpoint written, not renamed", file=sys.stderr, flush=True)
+    time.sleep(600)
+ck.save_file = paused
+from mmsoup.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_while_writing_leaves_no_checkpoint_and_the_sweep_resumes(sweep_file):
+    cmd = [
+        sys.executable,
+        "-c",
+        PAUSED_WRITER,
+        "finetune",
+        "--sweep",
+        str(sweep_file),
+        "--run",
+        "1",
+    ]
+    proc = subprocess.Popen([*cmd, "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    lines = []
+    while not lines or lines[-1] != "checkpoint written, not renamed":
+        line = proc.stderr.readline()
+        assert line, f"the run ended before writing its checkpoint: {lines}"
+        lines.append(line.strip())
+    proc.send_signal(signal.SIGKILL)  # in the middle of the atomic write
     proc.wait()
     proc.stderr.close()
     sweep = load_sweep(sweep_file)
     ckpt = sweep.checkpoint(1)
     assert not ckpt.exists() and not sidecar_path(ckpt).exists()
-    assert not list(sweep.out.glob(".model_1*"))  # no temporary leftovers either
+    assert len(list(sweep.out.glob(".model_1.safetensors.*.tmp"))) == 1  # the bytes it wrote
 
     report = run_sweep(sweep_file, progress=False, threads=1)
     assert report.ran == ["model_1", "model_2", "model_3"] and is_done(ckpt)
+    assert not list(sweep.out.glob(".model_*"))  # the leftover is removed on resume
 
 
 def test_a_sweep_file_is_never_silently_replaced(sweep_file):

@@ -1,4 +1,4 @@
-"""The λ explorer driven headlessly: set sliders, read readouts, reset to λ* (issue 4)."""
+"""The λ explorer driven headlessly: set sliders, read readouts, reset to λ*."""
 
 from __future__ import annotations
 

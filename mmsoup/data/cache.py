@@ -1,4 +1,4 @@
-"""Decode and preprocess a dataset once into a memory-mapped uint8 tensor cache (PAPER_NOTES §4).
+"""Decode and preprocess a dataset once into a memory-mapped uint8 tensor cache.
 
 MMS evaluates ValAcc hundreds of times per candidate on the same 26,000 held-out images, so the
 images are decoded, resized and cropped exactly once (in parallel DataLoader workers) into
@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +26,9 @@ from torch import Tensor
 from torchvision import transforms as T
 
 from mmsoup.data.imagenet import FolderDataset
-from mmsoup.data.manifest import data_root
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import Projection
+from mmsoup.io import cache_root
 from mmsoup.progress import tqdm
 
 CLIP_MEAN, CLIP_STD = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -103,20 +103,6 @@ class TensorCache:
         images, labels = torch.from_numpy(self.images), torch.from_numpy(self.labels)
         return images.to(device), labels.to(device)
 
-    def batches(
-        self, batch_size: int, device: str | torch.device = "cpu"
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Consecutive (uint8 images, labels) batches moved to `device`."""
-        for i in range(0, len(self), batch_size):
-            x = torch.from_numpy(self.images[i : i + batch_size])
-            y = torch.from_numpy(self.labels[i : i + batch_size])
-            yield x.to(device, non_blocking=True), y.to(device)
-
-
-def cache_dir(root: str | os.PathLike | None = None) -> Path:
-    """Where caches live: `$MMSOUP_CACHE`, else `<data root>/cache`."""
-    return Path(os.environ.get("MMSOUP_CACHE") or data_root(root) / "cache").expanduser()
-
 
 def _open(path: Path, dataset: FolderDataset) -> TensorCache:
     return TensorCache(
@@ -137,7 +123,7 @@ def build_cache(
     progress: bool = True,
 ) -> TensorCache:
     """Decode `dataset` once into `<directory>/<name>-<transform>-<fingerprint>/` (reused if there)."""
-    directory = Path(directory) if directory is not None else cache_dir()
+    directory = cache_root(directory)
     fingerprint = dataset.fingerprint()
     key = f"{dataset.name}-{transform_key(size)}-{fingerprint[:16]}"
     final = directory / key

@@ -26,7 +26,6 @@ The pretraining glyph bank: the 62 characters 0-9, A-Z, a-z typeset in the other
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsoup.errors import MMSoupError
-from mmsoup.io import atomic_path
+from mmsoup.io import atomic_path, cache_root, sha256_file
 
 SPLITS = ("train", "heldout", "test")
 SHIFTS = ("recollection", "renditions", "sketch", "clutter", "adversarial")
@@ -273,21 +272,14 @@ def _build() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 # -- the cache -------------------------------------------------------------------------------------
 def cache_folder(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where the arrays live: `cache_dir`, else $MMSOUP_CACHE/digits, else ~/.cache/mmsoup/digits."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("MMSOUP_CACHE", Path.home() / ".cache" / "mmsoup")) / "digits"
+    """Where the arrays live: `cache_dir`, else `digits/` under the cache root (mmsoup.io.cache_root)."""
+    return Path(cache_dir) if cache_dir is not None else cache_root() / "digits"
 
 
 def _npz_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, images=images, labels=labels)  # uncompressed: byte-identical across runs
     return buf.getvalue()
-
-
-def sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def expected_sha256() -> dict[str, str]:
@@ -315,7 +307,7 @@ def build_all(
     stale = [
         n
         for n in names
-        if not paths[n].is_file() or (n in expected and sha256(paths[n]) != expected[n])
+        if not paths[n].is_file() or (n in expected and sha256_file(paths[n]) != expected[n])
     ]
     if stale:
         if progress:
@@ -325,9 +317,9 @@ def build_all(
             with atomic_path(paths[n]) as tmp:
                 tmp.write_bytes(_npz_bytes(*sets[n]))
     for n in names:
-        if n in expected and sha256(paths[n]) != expected[n]:
+        if n in expected and sha256_file(paths[n]) != expected[n]:
             raise MMSoupError(
-                f"The freshly built digits set {n!r} has sha256 {sha256(paths[n])[:12]}... but data_manifest.csv "
+                f"The freshly built digits set {n!r} has sha256 {sha256_file(paths[n])[:12]}... but data_manifest.csv "
                 f"expects {expected[n][:12]}...; your library versions (Pillow, scipy, scikit-learn, mlxtend) "
                 "probably differ from the pinned ones: reinstall with `make setup`."
             )

@@ -1,6 +1,6 @@
 """ImageNet, its five distribution shifts and the held-out split, read from their published layouts.
 
-PAPER_NOTES §4. Every dataset is a list of image files + labels + a class projection of the
+The evaluation sets of Soups §3. Every dataset is a list of image files + labels + a class projection of the
 1000 ImageNet logits (class order = sorted wnids, as torchvision's ImageFolder):
 - ImageNet train/val, ImageNet-Sketch: one folder per wnid; labels are ImageNet indices.
 - ImageNet-V2 (matched frequency): folders `0`..`999` named by ImageNet index.
@@ -16,7 +16,6 @@ PAPER_NOTES §4. Every dataset is a list of image files + labels + a class proje
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from mmsoup.data.manifest import artifact_path
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import ClassGroups, ClassSubset, Projection
+from mmsoup.io import read_json
 
 HELD_OUT_PER_CLASS = 26  # ImageNet2p: 26 x 1000 = 26,000 images (Soups §3)
 IMAGENET_TRAIN_SIZE = 1_281_167
@@ -134,7 +134,7 @@ def wnid_dataset(name: str, directory: str | os.PathLike) -> FolderDataset:
 
 
 def wnid_subset_dataset(name: str, directory: str | os.PathLike) -> FolderDataset:
-    """ImageNet-R / -A: logits restricted to the wnids whose folders are present (PAPER_NOTES §4)."""
+    """ImageNet-R / -A: logits restricted to the wnids whose folders are present (as Soups' evaluation)."""
     directory = Path(directory)
     folders = _folders(directory, name)  # sorted wnids = sorted ImageNet indices
     indices = _wnid_indices(folders, directory)
@@ -155,15 +155,6 @@ def class_index_dataset(name: str, directory: str | os.PathLike) -> FolderDatase
     return _dataset(name, _scan(directory, {f: int(f) for f in folders}, name), imagenet_wnids())
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MMSoupError(
-            f"Cannot read {path} ({type(e).__name__}); ObjectNet must be unpacked with its mappings/ folder."
-        ) from e
-
-
 @cache
 def _lemma_index() -> dict[str, int]:
     """ImageNet class name (the full WordNet lemma string) -> class index; ambiguous names dropped."""
@@ -175,11 +166,13 @@ def _lemma_index() -> dict[str, int]:
 
 
 def objectnet_dataset(name: str, directory: str | os.PathLike) -> FolderDataset:
-    """ObjectNet 1.0 with the dataset's own `mappings/` (PAPER_NOTES §4): 113 classes, max-projection."""
+    """ObjectNet 1.0 (Barbu et al., NeurIPS 2019) with its own `mappings/`: 113 classes, max-projection."""
     directory = Path(directory)
     mappings = directory / "mappings"
-    folder_to_label = _read_json(mappings / "folder_to_objectnet_label.json")  # folder -> label
-    label_to_names = _read_json(mappings / "objectnet_to_imagenet_1k.json")  # label -> "a; b"
+    if not mappings.is_dir():
+        raise MMSoupError(f"{mappings} does not exist; unpack ObjectNet with its mappings/ folder.")
+    folder_to_label = read_json(mappings / "folder_to_objectnet_label.json", "ObjectNet mapping")
+    label_to_names = read_json(mappings / "objectnet_to_imagenet_1k.json", "ObjectNet mapping")
     lemma_index = _lemma_index()
     groups: dict[str, list[int]] = {}
     for folder, label in folder_to_label.items():
@@ -286,7 +279,7 @@ _DATASETS: dict[str, tuple[str, Callable[[str, Path], FolderDataset]]] = {
     "ImageNetA": ("imagenet-a", wnid_subset_dataset),
 }
 TEST_SETS = ("ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetR", "ObjectNet", "ImageNetA")
-SHIFTS = TEST_SETS[1:]  # "Avg OOD" = mean top-1 over these five (PAPER_NOTES §4)
+SHIFTS = TEST_SETS[1:]  # "Avg OOD" = mean top-1 over these five (Soups §3)
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, **split_kwargs) -> FolderDataset:

@@ -1,6 +1,6 @@
 """The data manifest: every artifact of a profile, where it lives, how to verify and fetch it.
 
-`data_manifest.csv` (repository root) has one row per artifact (PAPER_NOTES §4): the 72 released
+`data_manifest.csv` (repository root) has one row per artifact: the 72 released
 checkpoints, ImageNet and its five shifts, the held-out mask and the Soups result files, with URL
 where public, expected size, sha256 where known, license and the local path under the data root
 (`$MMSOUP_DATA`, default `~/data/mmsoup`). A `local_path` ending in `/` is a folder (a dataset);
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import fnmatch
-import hashlib
 import http.client
 import os
 import tarfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from mmsoup.errors import MMSoupError
+from mmsoup.io import sha256_file
 from mmsoup.progress import tqdm
 
 COLUMNS = (
@@ -107,15 +107,6 @@ def artifact_path(
     return local_path(_row(name, manifest), root)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _human(size: str) -> str:
     if not size.isdigit():
         return "size unknown"
@@ -159,7 +150,7 @@ def _status(row: pd.Series, path: Path) -> str:
 def verify(
     profile: str, root: str | os.PathLike | None = None, manifest: pd.DataFrame | None = None
 ) -> pd.DataFrame:
-    """Status of every artifact of `profile`: name, role, status, path, fix (PAPER_NOTES §4).
+    """Status of every artifact of `profile`: name, role, status, path, fix.
 
     `profile` is a manifest profile (`embedded`, `paper`) or a profile spec such as `smoke` or
     `paper:n_runs=3` (then only model_0..model_3 of the released checkpoints are listed).
