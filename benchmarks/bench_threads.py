@@ -32,7 +32,10 @@ def train_step(threads: int, batch: int, classes: int, steps: int) -> tuple[floa
         model = create_classifier("mmsoup-tiny-vit", classes, seed=0)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(0)
-        x, y = torch.rand(batch, 3, 28, 28, generator=gen), torch.randint(classes, (batch,))
+        x, y = (
+            torch.rand(batch, 3, 28, 28, generator=gen),
+            torch.randint(classes, (batch,), generator=gen),
+        )
         times = []
         for _ in range(steps):
             t = time.perf_counter()

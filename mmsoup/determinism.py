@@ -1,9 +1,9 @@
 """Same machine, same bytes: every thread pool that touches the numbers is pinned per stage.
 
 A float sum depends on the order of its terms, so the thread count of a matrix product is part of
-its result: on this project's 2-core machine one training step of the tiny ViT, or one held-out
-evaluation, gives other bits with 1 and with 2 torch threads (and the same bits, run after run,
-with a fixed count). So the thread count of each stage is part of the study's definition (a
+its result: on this project's 2-core machine one training step of the tiny ViT gives other bits
+with 1 and with 2 torch threads (and the same bits, run after run, with a fixed count); so did a
+forward pass over 1,000 images in one batch (benchmarks/bench_threads.py). So the thread count of each stage is part of the study's definition (a
 profile field, recorded in every sidecar), never "whatever the machine has":
 
 - torch intra-op threads (OpenMP/MKL/oneDNN) = the stage's count, whatever `jobs` is;

@@ -48,7 +48,7 @@ class Profile:
     # Torch threads of the stages that run alone: pretraining, linear probe, soups, evaluation
     # (None: torch's default, for a GPU machine). Part of the study's definition: another count
     # gives other bits (mmsoup.determinism). Two on the embedded profile: a pretraining step and a
-    # held-out evaluation run 1.6x faster with 2 threads than with 1 on a quiet 2-core machine.
+    # held-out evaluation run 1.6-1.7x faster with 2 threads than with 1 (bench_threads.py).
     threads: int | None = 1
     # Torch threads of one fine-tuning run. One: `jobs` one-thread processes fill the cores.
     run_threads: int | None = 1
