@@ -183,20 +183,6 @@ def _augment(transform: v2.Transform, images: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def num_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with `threads` intra-op threads (None: leave torch's setting alone)."""
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
 def process_group() -> Iterator[tuple[int, int]]:
     """(rank, world) for one run; under torchrun (WORLD_SIZE > 1) a gloo process group (the
     fine-tuning runs on CPU) is set up for the run and torn down after it (DDP)."""

@@ -283,14 +283,15 @@ def markdown(rows: pd.DataFrame, table: pd.DataFrame, profile: str) -> str:
 
 def figure(rows: pd.DataFrame, table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Per method: every replicate's Δ (dots), the mean with its 95% interval (bar), ID and OOD."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     methods = [m for m in table["method"] if m != "Best individual"]
     n = rows["replicate"].nunique()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.42 * len(methods) + 1.6), sharey=True)
+    # no pyplot: the caller's backend (a notebook's inline one) stays as it is, as in report.figure2
+    fig = Figure(figsize=(10, 0.42 * len(methods) + 1.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
     rng = np.random.default_rng(0)  # vertical jitter of the dots only
     for ax, col, title in zip(axes, ("delta_id", "delta_ood"), ("Δ ID (test)", "Δ Avg OOD")):
         ax.axvline(0, color="grey", lw=1, ls="--")
@@ -332,7 +333,6 @@ def figure(rows: pd.DataFrame, table: pd.DataFrame, path: str | os.PathLike) -> 
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
     return path
 
 

@@ -27,7 +27,7 @@ def smoke_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module, as in worker processes: the same floating-point sums."""
-    from mmsoup.finetune import num_threads
+    from mmsoup.determinism import pinned
 
-    with num_threads(1):
+    with pinned(1):
         yield

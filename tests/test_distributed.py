@@ -4,10 +4,10 @@ import torch
 import torch.distributed as dist
 from spawn import free_port, join_group, run_ranks
 
+from mmsoup.determinism import pinned
 from mmsoup.distributed import DistributedEvaluator, run_on_rank0, shard_bounds
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import Evaluator
-from mmsoup.finetune import num_threads
 from mmsoup.models import create_classifier
 from mmsoup.soups import greedy_soup, logit_ensemble, manifold_mixing_soup
 
@@ -90,7 +90,7 @@ def test_two_gloo_ranks_equal_a_single_process(tmp_path):
     run_ranks(_worker, (free_port(), str(out)))
     dist_res = torch.load(out, weights_only=False)
 
-    with num_threads(1):  # the ranks ran with one thread each
+    with pinned(1):  # the ranks ran with one thread each
         pool, (hx, hy), (tx, ty), comps = _case()
         model = create_classifier(seed=2)
         heldout = Evaluator(model, hx, hy, device="cpu", batch_size=BATCH)

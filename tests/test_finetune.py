@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
+from mmsoup.determinism import pinned
 from mmsoup.errors import MMSoupError
 from mmsoup.finetune import (
     FinetuneConfig,
     is_done,
     load_classifier,
     lr_factor,
-    num_threads,
     run_finetune,
     soft_targets,
     train,
@@ -67,7 +67,7 @@ def _first_loss(model_state, images, labels, **hp) -> float:
     model.load_state_dict(model_state)
     losses = []
     config = FinetuneConfig(epochs=1, batch_size=64, lr=1e-9, **hp)
-    with num_threads(1):  # one thread: 2 threads on 2 shared cores are ~10x slower, not faster
+    with pinned(1):  # one thread: 2 threads on 2 shared cores are ~10x slower, not faster
         train(model, images, labels, config, on_step=lambda step, total, loss: losses.append(loss))
     return losses[0]
 
@@ -131,7 +131,7 @@ def test_pretraining_is_cached_and_the_lp_init_scores_its_sidecar(tmp_path):
     digits.load("train")  # built (once per machine) outside the cache under test
     config = PretrainConfig(images=256, eval_images=128)  # two steps
     steps = []
-    with num_threads(1):
+    with pinned(1):
         path = pretrain(config, tmp_path, on_step=lambda *a: steps.append(a))
         again = pretrain(config, tmp_path, on_step=lambda *a: steps.append(a))
         redo = pretrain(config, tmp_path / "other", on_step=lambda *a: None)
@@ -140,7 +140,7 @@ def test_pretraining_is_cached_and_the_lp_init_scores_its_sidecar(tmp_path):
     a, b = load_state_dict(path), load_state_dict(redo)
     assert all(torch.equal(a[k], b[k]) for k in a)  # seeded: a rebuild is bit-identical
 
-    with num_threads(1):
+    with pinned(1):
         lp = linear_probe(path, tmp_path)
     side = read_sidecar(lp)
     assert side["kind"] == "lp_init" and str(side["C"]) in side["val_acc_by_C"]

@@ -14,8 +14,9 @@ import torch.distributed as dist
 from spawn import free_port, join_group, run_ranks
 
 from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
+from mmsoup.determinism import pinned
 from mmsoup.errors import MMSoupError
-from mmsoup.finetune import FinetuneConfig, num_threads, train
+from mmsoup.finetune import FinetuneConfig, train
 from mmsoup.models import create_classifier
 
 # no random augmentation or mixup: the only difference between 1 and 2 processes is the batch split
@@ -60,7 +61,7 @@ def test_two_ranks_train_the_same_model_as_one_process(tmp_path, monkeypatch):
     import mmsoup.finetune as ft
 
     monkeypatch.setattr(ft, "make_augment", _identity_augment)
-    with num_threads(1):
+    with pinned(1):
         single = create_classifier(seed=0)
         init = {k: v.clone() for k, v in single.state_dict().items()}
         train(single, *_data(), CONFIG)
