@@ -94,8 +94,8 @@ def main() -> None:
 
     def bare() -> None:
         with torch.inference_mode():
-            for x, _ in ev._batches():
-                ev._forward(x).argmax(-1)
+            for x, _ in ev.batches():
+                ev.forward(x).argmax(-1)
 
     t_full = _timed(lambda: ev.mixed_accuracy(base_sd, other, comps, next(it)), dev, args.repeats)
     lam = list(lams[-1])

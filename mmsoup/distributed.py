@@ -105,9 +105,8 @@ class DistributedEvaluator(Evaluator):
         super().__init__(model, images[sl], labels[sl], batch_size=batch_size, **kwargs)
         self._probe = self.images[:1]  # one image: the logits' width on a rank without batches
         if empty:
-            self.images = self.images[:0]
-        self._shard_labels = self.labels[:0] if empty else self.labels
-        self.labels = labels.to(self.device, torch.long)  # every label: ensembles score on rank 0
+            self.images, self.labels = self.images[:0], self.labels[:0]
+        self._targets = labels.to(self.device, torch.long)  # every label: ensembles score on rank 0
         self._total = images.shape[0]
         self._shard_sizes = [
             b - a
@@ -115,9 +114,9 @@ class DistributedEvaluator(Evaluator):
                 shard_bounds(self._total, batch_size, r, self.world) for r in range(self.world)
             )
         ]
-        if self._total and int(self.labels.max()) >= self.num_classes:
+        if self._total and int(self._targets.max()) >= self.num_classes:
             raise MMSoupError(
-                f"The labels go up to {int(self.labels.max())} but the head has {self.num_classes} "
+                f"The labels go up to {int(self._targets.max())} but the head has {self.num_classes} "
                 "classes; use a head or projection that matches the data."
             )
         self.name = name
@@ -130,10 +129,10 @@ class DistributedEvaluator(Evaluator):
         """Number of examples over all ranks."""
         return self._total
 
-    def _batches(self):
-        # this rank's whole batches, in order (the prefix cache and plain path both walk these)
-        for i in range(0, self.images.shape[0], self.batch_size):
-            yield self.images[i : i + self.batch_size], self._shard_labels[i : i + self.batch_size]
+    @property
+    def targets(self) -> Tensor:
+        """Every rank's labels, in order: the rows of `logits()` (this rank runs only its shard)."""
+        return self._targets
 
     # -- rank 0: the Evaluator API, one broadcast command per call -------------------------------
     def _fresh(self, slot: str, state: StateDict) -> list | None:
@@ -248,7 +247,7 @@ class DistributedEvaluator(Evaluator):
                     if self.images.shape[0]:
                         rows = Evaluator.logits(self, header["project"])
                     else:
-                        rows = self._forward(self._probe, header["project"]).float().cpu()[:0]
+                        rows = self.forward(self._probe, header["project"]).float().cpu()[:0]
         except Exception as e:  # noqa: BLE001 (reported through the status reduction below)
             error = e
             if self.rank:
@@ -412,7 +411,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from mmsoup.models import create_classifier
     from mmsoup.partition import partition
     from mmsoup.profiles import get_profile
-    from mmsoup.soups import _optimizer_class, greedy_soup, manifold_mixing_soup, uniform_soup
+    from mmsoup.soups import greedy_soup, manifold_mixing_soup, optimizer_class, uniform_soup
 
     check_args(args)
     rank, world = init(args.backend)
@@ -422,7 +421,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     model = create_classifier(get_profile(args.profile).arch, head)
     if args.recipe == "mms":  # a wrong scheme or optimizer fails before the data are loaded
         comps = partition(first, args.scheme, model=model)
-        _optimizer_class(args.optimizer)
+        optimizer_class(args.optimizer)
     if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
         keep_freed_memory()  # as the pipeline's stages on CPU
     opts = dict(device=args.device, batch_size=args.batch_size, reuse=not args.no_reuse)

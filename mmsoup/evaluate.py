@@ -7,24 +7,24 @@ keeps one model instance and the held-out tensors on the device, writes each can
 CUDA). Through `mixed_accuracy`, an open_clip ViT restarts its forward at the first stage whose
 weights changed since the last evaluation (`mmsoup.reuse`), bit for bit the same accuracy.
 Class projections implement Soups' 200-class (ImageNet-R/-A) and ObjectNet evaluations (Soups §3).
-Logit ensembles (Soups §2) are scored here too: each member's held-out logits, computed once.
+The logit ensembles that score on an Evaluator's logits are in `mmsoup.ensembles`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmsoup.checkpoints import Ingredient, iter_ingredients, library_versions, validate_pool
 from mmsoup.errors import MMSoupError
+from mmsoup.mixing import lerp_
+from mmsoup.reuse import PrefixCache, prefix_cache
 
 StateDict = Mapping[str, Tensor]
 Components = Mapping[str, Sequence[str]]
@@ -209,7 +209,7 @@ class Evaluator:
         # prefix-activation reuse (mmsoup.reuse): built on the first mixed_accuracy call; the
         # budget bounds the cached activations (N x tokens x width per cached block)
         self.reuse, self.cache_mb = reuse, float(cache_mb)
-        self._prefix: Any = None  # None: not built yet; False: plain path
+        self._prefix: PrefixCache | None | bool = None  # None: not built; False: plain
         self.num_classes = self._probe_classes()
         top = int(self.labels.max())
         if int(self.labels.min()) < 0:
@@ -227,25 +227,47 @@ class Evaluator:
         """Number of held-out examples."""
         return self.images.shape[0]
 
+    @property
+    def targets(self) -> Tensor:
+        """The labels that the rows of `logits()` align with (all N examples, in order)."""
+        return self.labels
+
+    @property
+    def cache_key(self) -> tuple:
+        """What a cached activation depends on besides the weights (mmsoup.reuse drops it on change)."""
+        return (
+            self.images,
+            self.labels,
+            self.preprocess,
+            self.projection,
+            self.amp,
+            self.batch_size,
+        )
+
     def _probe_classes(self) -> int:
         try:
             with torch.inference_mode():
-                return int(self._forward(self.images[:1]).shape[-1])
+                return int(self.forward(self.images[:1]).shape[-1])
         except (IndexError, RuntimeError) as e:
             raise MMSoupError(
                 f"The model or projection fails on the held-out images ({type(e).__name__}: {e}); "
                 "check the image shape, preprocess and class indices."
             ) from e
 
-    def _forward(self, x: Tensor, project: bool = True) -> Tensor:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision every forward runs in: bf16 autocast if `amp`, else the model's dtype."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def forward(self, x: Tensor, project: bool = True) -> Tensor:
         """Logits (B, C') of one batch of held-out inputs (raw (B, C) if not `project`)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with self.autocast():
             logits = self.model(self.preprocess(x))
         return self.project(logits) if project else logits
 
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        # single place that walks the cached held-out set: a later prefix-activation cache hooks here
-        for i in range(0, self.n, self.batch_size):
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """(inputs, labels) of the examples this evaluator runs, in batches: the one walk over them
+        (the plain path and the prefix cache both use it)."""
+        for i in range(0, self.images.shape[0], self.batch_size):
             yield self.images[i : i + self.batch_size], self.labels[i : i + self.batch_size]
 
     def project(self, logits: Tensor) -> Tensor:
@@ -255,8 +277,8 @@ class Evaluator:
     def _hits(self) -> Tensor:
         """Number of correct top-1 predictions on this evaluator's batches (no host sync)."""
         hits = torch.zeros((), dtype=torch.long, device=self.device)
-        for x, y in self._batches():
-            hits += (self._forward(x).argmax(dim=-1) == y).sum()
+        for x, y in self.batches():
+            hits += (self.forward(x).argmax(dim=-1) == y).sum()
         return hits
 
     def _fitting(self, run: Callable[[], Tensor]) -> Tensor:
@@ -283,9 +305,7 @@ class Evaluator:
     def _mixed_hits(self) -> Tensor:
         """`_hits` through the prefix-activation cache when the model supports it."""
         if self._prefix is None:
-            from mmsoup import reuse
-
-            built = reuse.build(self, self.cache_mb * 2**20) if self.reuse else None
+            built = prefix_cache(self, self.cache_mb * 2**20) if self.reuse else None
             self._prefix = built if built is not None else False
         return self._fitting(lambda: self._prefix.hits(self) if self._prefix else self._hits())
 
@@ -303,7 +323,7 @@ class Evaluator:
     def logits(self, project: bool = True) -> Tensor:
         """(N, C') logits of the current parameters, CPU float32 (raw (N, C) if project=False)."""
         return self._fitting(
-            lambda: torch.cat([self._forward(x, project).float().cpu() for x, _ in self._batches()])
+            lambda: torch.cat([self.forward(x, project).float().cpu() for x, _ in self.batches()])
         )
 
     def _check_keys(self, state: StateDict) -> None:
@@ -354,9 +374,7 @@ class Evaluator:
                 "base or other shares memory with the evaluator's live model (e.g. its own "
                 "state_dict()); pass copies, e.g. {k: v.clone() for k, v in state.items()}."
             )
-        if plan.keys:  # out = other + λ(base - other): torch.lerp's formula, two fused launches
-            torch._foreach_copy_(plan.outs, o)
-            torch._foreach_lerp_(plan.outs, b, [lambdas[j] for j in plan.owner])
+        lerp_(plan.outs, b, o, [lambdas[j] for j in plan.owner])  # the kernel of mixing.interpolate
         if plan.rest:
             torch._foreach_copy_(plan.rest_outs, self._staged(base, plan.rest, plan.rest_outs))
 
@@ -372,78 +390,3 @@ class Evaluator:
         self.mix(base, other, components, lambdas)
         with torch.inference_mode():
             return self._mixed_hits().item() / self.n
-
-
-# -- logit ensembles (Soups §2): K forward passes at inference, scored on cached logits --------
-@dataclass
-class EnsembleResult:
-    """A logit ensemble: members, held-out accuracy and mean projected logits (Soups §2)."""
-
-    ingredients: list[int]
-    val_acc: float
-    logits: Tensor  # (N, C') mean logits of the members, CPU float32
-    ingredient_val_accs: list[float]
-    n_evals: int  # held-out forward passes
-    trace: list[dict[str, Any]]
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def _member_logits(ingredients, evaluator: Evaluator) -> Iterator[tuple[int, Tensor]]:
-    """Raw (N, C) held-out logits of each ingredient, one forward pass each."""
-    for i, sd in iter_ingredients(ingredients):
-        evaluator.load(sd)
-        yield i, evaluator.logits(project=False)
-
-
-def ensemble_logits(ingredients: Sequence[Ingredient], evaluator: Evaluator) -> Tensor:
-    """Projected mean logits of the ingredients on an evaluator's data (Soups §2, ensemble)."""
-    validate_pool(ingredients, check_finite=False)
-    total = None
-    for _, z in _member_logits(ingredients, evaluator):
-        total = z if total is None else total + z
-    return evaluator.project(total / len(ingredients))
-
-
-def _ensemble(ingredients, evaluator: Evaluator, greedy: bool) -> EnsembleResult:
-    t0 = time.perf_counter()
-    validate_pool(ingredients, check_finite=False)
-    labels, raw, accs, trace = evaluator.labels.cpu(), [], [], []
-    for i, z in _member_logits(ingredients, evaluator):  # each model's logits, computed once
-        raw.append(z)
-        accs.append(accuracy(evaluator.project(z), labels))
-        trace.append({"eval": len(trace), "candidate": i, "stage": "ingredient", "acc": accs[-1]})
-    order = sorted(range(len(raw)), key=lambda i: -accs[i])
-    members, total = [order[0]], raw[order[0]].clone()
-    best = accs[order[0]]
-    for i in order[1:]:
-        cand = total + raw[i]
-        acc = accuracy(evaluator.project(cand / (len(members) + 1)), labels)
-        if greedy:
-            trace.append({"eval": len(trace), "candidate": i, "stage": "greedy", "acc": acc})
-        if not greedy or acc > best:  # greedy rule (strict), applied to logit ensembles
-            members.append(i)
-            total, best = cand, acc
-    logits = evaluator.project(total / len(members))
-    info = {
-        "recipe": "greedy_ensemble" if greedy else "logit_ensemble",
-        "wall_time_s": time.perf_counter() - t0,
-    }
-    return EnsembleResult(
-        ingredients=members,
-        val_acc=accuracy(logits, labels),
-        logits=logits,
-        ingredient_val_accs=accs,
-        n_evals=len(raw),
-        trace=trace,
-        info=info | {"versions": library_versions()},
-    )
-
-
-def logit_ensemble(ingredients: Sequence[Ingredient], evaluator: Evaluator) -> EnsembleResult:
-    """Average the logits of all ingredients: K forward passes at inference (Soups §2, ensemble)."""
-    return _ensemble(ingredients, evaluator, greedy=False)
-
-
-def greedy_ensemble(ingredients: Sequence[Ingredient], evaluator: Evaluator) -> EnsembleResult:
-    """Greedy rule of Soups Recipe 1 applied to logit ensembles (Soups §2, greedy ensemble)."""
-    return _ensemble(ingredients, evaluator, greedy=True)

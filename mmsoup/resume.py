@@ -63,7 +63,7 @@ def _held_out(val_acc: Any) -> dict[str, Any]:
 
     if not isinstance(val_acc, Evaluator):  # a plain callable: nothing to inspect
         return {"callable": getattr(val_acc, "__qualname__", type(val_acc).__qualname__)}
-    digest = hashlib.sha256(_tensor_bytes(val_acc.labels))
+    digest = hashlib.sha256(_tensor_bytes(val_acc.targets))
     digest.update(_tensor_bytes(val_acc.images[:1]) + _tensor_bytes(val_acc.images[-1:]))
     return {"n": val_acc.n, "num_classes": val_acc.num_classes, "digest": digest.hexdigest()[:16]}
 

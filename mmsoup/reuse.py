@@ -9,23 +9,41 @@ stream after the stem and after blocks, the pooled features) and the batch's hit
 weights last evaluated; a bitwise snapshot of each stage's parameters tells which stage changed
 first, and the forward restarts from the nearest cached input at or before it. Same modules, same
 batches, same kernels: accuracies are bit for bit those of a full forward (checked on a probe).
+
+The cache sees its evaluator only through `Source`, the public part of `mmsoup.evaluate.Evaluator`
+(its model, batches, preprocessing, projection, precision and plain forward); it imports nothing
+from `mmsoup.evaluate`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from mmsoup.evaluate import Evaluator
-
 Stage = Callable[[Tensor], Tensor]
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class Source(Protocol):
+    """What the cache needs from an evaluator (`mmsoup.evaluate.Evaluator` provides it)."""
+
+    model: nn.Module
+    device: torch.device
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]: ...  # (inputs, labels), in order
+    def preprocess(self, x: Tensor) -> Tensor: ...
+    def project(self, logits: Tensor) -> Tensor: ...
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+    def forward(self, x: Tensor) -> Tensor: ...  # the plain (projected) forward, for the probe
+
+    @property
+    def cache_key(self) -> tuple: ...  # what the cached values depend on besides the weights
 
 
 def _bits(t: Tensor) -> Tensor:
@@ -132,24 +150,23 @@ class PrefixCache:
             slots.update(round((i + 1) * span / (k + 1)) for i in range(k))
         return slots
 
-    def _check(self, ev: Evaluator, probe: Tensor) -> bool:
+    def _check(self, ev: Source, probe: Tensor) -> bool:
         """The staged forward must equal ev's plain forward bit for bit on a probe batch."""
-        with torch.autocast(ev.device.type, dtype=torch.bfloat16, enabled=ev.amp):
+        with ev.autocast():
             h, sizes = ev.preprocess(probe), {}
             for s, stage in enumerate(self.stages):
                 h = stage(h)
                 sizes[s + 1] = h.element_size() * h[0].numel()
         staged = ev.project(h)
-        plain = ev._forward(probe)
+        plain = ev.forward(probe)
         self._per_image = sizes
         return staged.dtype == plain.dtype and torch.equal(_bits(staged), _bits(plain))
 
     @torch.inference_mode()
-    def hits(self, ev: Evaluator) -> Tensor:
+    def hits(self, ev: Source) -> Tensor:
         """Held-out hit count of ev's live weights, recomputing only from the first changed stage."""
-        batches = list(ev._batches())
-        # what the cached values depend on besides the weights: a change drops the whole cache
-        context = (ev.images, ev.labels, ev.preprocess, ev.projection, ev.amp, ev.batch_size)
+        batches = list(ev.batches())
+        context = ev.cache_key  # a change drops the whole cache
         if self.context is None or any(a is not b for a, b in zip(context, self.context)):
             self.snapshot, self.slots, self.acts, self.context = None, None, [], context
         start = self.first_changed()
@@ -160,7 +177,7 @@ class PrefixCache:
         restart = max([s for s in self.slots if s <= start] + [0])
         hits = torch.zeros((), dtype=torch.long, device=ev.device)
         snapshot, self.snapshot = self.snapshot, None  # an interrupted pass leaves no stale cache
-        with torch.autocast(ev.device.type, dtype=torch.bfloat16, enabled=ev.amp):
+        with ev.autocast():
             for (x, y), acts in zip(batches, self.acts):
                 if restart == self.n_stages:
                     hits += acts[restart]
@@ -193,13 +210,13 @@ class PrefixCache:
             torch._foreach_copy_(self.snapshot[s], self.params[s])
 
 
-def build(ev: Evaluator, budget_bytes: float) -> PrefixCache | None:
+def prefix_cache(ev: Source, budget_bytes: float) -> PrefixCache | None:
     """A prefix cache for ev's model, or None (plain path) if the model or probe does not fit."""
     try:
         cache = PrefixCache(ev.model, budget_bytes)
     except ValueError:
         return None
-    probe = next(iter(ev._batches()), (None, None))[0]
+    probe = next(iter(ev.batches()), (None, None))[0]
     if probe is None:  # an empty shard (a rank without batches): nothing to cache
         return None
     with torch.inference_mode():

@@ -1,5 +1,6 @@
 """Soup recipes: uniform and greedy soups (Soups §2, Recipe 1), the manifold mixing soup (MMS Alg. 1)
-and WiSE-FT; the logit ensembles (Soups §2) live in mmsoup.evaluate and are re-exported here.
+and WiSE-FT. Every recipe is importable from here: the learned soup (`mmsoup.learned`), the logit
+ensembles (`mmsoup.ensembles`) and the mixing operations (`mmsoup.mixing`) are re-exported.
 
 Ingredients are state dicts or checkpoint paths. Paths are streamed: a recipe opens one ingredient
 when it needs it and drops it, keeping running sums, so it holds a constant number of full models
@@ -15,6 +16,9 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import nevergrad as ng
 import numpy as np
@@ -31,15 +35,16 @@ from mmsoup.checkpoints import (
     open_ingredient,
     validate_pool,
 )
-from mmsoup.errors import MMSoupError
-from mmsoup.evaluate import (  # noqa: F401 (the ensembles are re-exported from here)
+from mmsoup.ensembles import (  # noqa: F401 (re-exported: every recipe is importable from here)
     EnsembleResult,
-    Evaluator,
     ensemble_logits,
     greedy_ensemble,
     logit_ensemble,
 )
+from mmsoup.errors import MMSoupError
+from mmsoup.evaluate import Evaluator
 from mmsoup.learned import learned_soup  # noqa: F401 (Soups App. I; re-exported as a recipe)
+from mmsoup.mixing import acc_dtype, interpolate, mix_from_weights  # noqa: F401 (re-exported)
 from mmsoup.partition import validate_partition
 from mmsoup.progress import tqdm
 from mmsoup.result import (  # noqa: F401 (SoupResult and the types are re-exported from here)
@@ -54,20 +59,6 @@ from mmsoup.result import (  # noqa: F401 (SoupResult and the types are re-expor
 )
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)  # sum low-precision weights in float32
-
-
-def interpolate(base: StateDict, other: StateDict, components, lambdas) -> dict[str, Tensor]:
-    """Ψ'(λ)^j = λ_j·base^j + (1-λ_j)·other^j per component; uncovered keys from base (MMS Alg. 1)."""
-    keys = [k for ks in components.values() for k in ks]
-    weights = [float(lam) for ks, lam in zip(components.values(), lambdas) for _ in ks]
-    others = [other[k].to(base[k].device) for k in keys]
-    # the fused op of Evaluator.mix: the soup is bit for bit the model that was evaluated
-    mixed = torch._foreach_lerp(others, [base[k] for k in keys], weights) if keys else []
-    return dict(base) | dict(zip(keys, mixed))
-
-
 def _mean(
     ingredients: Sequence[Ingredient], dtypes: Mapping[str, torch.dtype]
 ) -> dict[str, Tensor]:
@@ -75,7 +66,7 @@ def _mean(
     for i, sd in iter_ingredients(ingredients):
         for k, v in sd.items():
             if i == 0:
-                total[k] = v.to(_acc_dtype(v.dtype), copy=True)
+                total[k] = v.to(acc_dtype(v.dtype), copy=True)
             else:
                 total[k] += v
         del sd  # drop a streamed ingredient before opening the next
@@ -104,7 +95,7 @@ def greedy_soup(
     accs, order = ranked(ingredients, scorer, ingredient_val_accs)
     first = open_ingredient(ingredients[order[0]])
     total = {
-        k: v.to(_acc_dtype(v.dtype), copy=True) for k, v in first.items()
+        k: v.to(acc_dtype(v.dtype), copy=True) for k, v in first.items()
     }  # running sum of the soup
     del first
     soup, best, decisions = [order[0]], accs[order[0]], []
@@ -141,7 +132,8 @@ def greedy_soup(
     )
 
 
-def _optimizer_class(name: str):
+def optimizer_class(name: str):
+    """The nevergrad optimizer class registered under `name` (one sentence if there is none)."""
     if name not in ng.optimizers.registry:
         raise MMSoupError(
             f"Unknown nevergrad optimizer {name!r}; use a name from nevergrad.optimizers.registry, e.g. 'NGOpt', 'Cobyla', 'CMA'."
@@ -253,15 +245,152 @@ def _optimize(opt_cls, search: _Search, init, lo: float, hi: float, budget: int,
     return _concrete_name(opt)
 
 
+@dataclass(frozen=True)
+class _Variant:
+    """How the λ search is run: the paper's description, or the MMS author's released code."""
+
+    bounds: str  # "unit": λ ∈ [0, 1]^m; "author": a window of width 1/(k+1) around λ0
+    budget_per_component: int | None  # None: `budget` evaluations per pass
+    accept_ties: bool  # accept on >= (author) instead of > (paper)
+    refine: bool  # author: up to two more passes in [0.3, 1] after an improving pass
+
+    def better(self, a: float, b: float) -> bool:
+        return a >= b if self.accept_ties else a > b
+
+
 _VARIANTS = {
-    "paper": {
-        "bounds": "unit",
-        "budget_per_component": None,
-        "accept_ties": False,
-        "refine": False,
-    },
-    "author": {"bounds": "author", "budget_per_component": 30, "accept_ties": True, "refine": True},
+    "paper": _Variant(bounds="unit", budget_per_component=None, accept_ties=False, refine=False),
+    "author": _Variant(bounds="author", budget_per_component=30, accept_ties=True, refine=True),
 }
+
+
+def _variant(name: str, **given) -> _Variant:
+    if name not in _VARIANTS:
+        raise MMSoupError(f"variant must be 'paper' or 'author', got {name!r}.")
+    v = replace(_VARIANTS[name], **{k: x for k, x in given.items() if x is not None})
+    if v.bounds not in ("unit", "author"):
+        raise MMSoupError(f"bounds must be 'unit' or 'author', got {v.bounds!r}.")
+    return v
+
+
+def _best_lambda(
+    search: _Search, v: _Variant, acc_psi: float, run: _Run
+) -> tuple[float, np.ndarray]:
+    """λ* = argmax ValAcc(Ψ'(λ)) by the optimizer: one pass (paper), or up to three (author)."""
+    lam0, tau = search.lam0, run.params["tau"]
+    half = 0.5 * (1.0 - lam0)
+    lo, hi = (0.0, 1.0) if v.bounds == "unit" else (lam0 - half, lam0 + half)
+    passes = [("pass1", np.full(search.m, lam0), lo, hi)]
+    while passes:
+        search.stage, init, lo, hi = passes.pop(0)
+        budget, seed = run.params["budget"], run.params["seed"]
+        name = _optimize(run.opt_cls, search, init, lo, hi, budget, seed)
+        run.state.optimizers.append(
+            {"candidate": search.candidate, "pass": search.stage, "optimizer": name}
+        )
+        best_acc, best_lam = search.best()
+        if not (v.refine and v.better(best_acc, acc_psi)):
+            break
+        if search.stage == "pass1":  # author: refine in [0.3, 1] from λ*
+            before = best_acc
+            passes.append(("pass2", np.clip(best_lam, 0.3, 1.0), 0.3, 1.0))
+        elif search.stage == "pass2" and best_acc >= (1.0 + 0.3 * (1.0 - tau)) * before:
+            passes.append(("pass3", np.clip(best_lam, 0.3, 1.0), 0.3, 1.0))
+    return best_acc, best_lam
+
+
+@dataclass
+class _Run:
+    """An MMS run: its inputs, and its state between candidates (resumable, `mmsoup.resume`)."""
+
+    ingredients: Sequence[Ingredient]
+    plan: dict[str, list[str]]  # component -> keys; REST (uncovered keys) last, fixed at λ0
+    m: int  # components searched (REST excluded)
+    params: dict[str, Any]
+    opt_cls: Any
+    scorer: Scorer
+    device: torch.device
+    state: resume.MMSState
+    order: list[int]  # ingredients best-first
+    state_file: Path | None = None
+    fp: dict[str, Any] | None = None
+    t0: float = field(default_factory=time.perf_counter)
+    elapsed0: float = 0.0  # wall time of earlier attempts (resumed runs)
+
+    def commit(self, psi_changed: bool) -> None:
+        """Write the run's state after a decision (Ψ only if it changed)."""
+        if self.state_file is None:
+            return
+        st = self.state
+        st.elapsed_s = self.elapsed0 + time.perf_counter() - self.t0
+        st.finished = st.done == len(self.order) - 1
+        resume.save(self.state_file, self.fp, st, psi_changed)
+
+    def accept(self, i: int, theta: StateDict, lambdas: list[float], acc: float) -> None:
+        """Ψ ← Ψ'(λ*), exactly the evaluated model; w_j ← λ_j·w_j + (1-λ_j)·e_i per component."""
+        st = self.state
+        st.psi = interpolate(st.psi, theta, self.plan, lambdas)
+        onehot = np.eye(len(self.ingredients))[i]
+        for c, lam in zip(self.plan, lambdas):
+            st.weights[c] = (lam * np.asarray(st.weights[c]) + (1.0 - lam) * onehot).tolist()
+        st.acc_psi = acc
+        st.mixed.append(i)
+
+
+def _plan(ingredients, components) -> dict[str, list[str]]:
+    """Component -> keys, checked against the pool; keys in no component form REST, last."""
+    spec = validate_pool(ingredients)
+    validate_partition(components, spec, complete=False)  # keys outside it follow λ0
+    comps = {str(c): list(keys) for c, keys in components.items()}
+    covered = {k for keys in comps.values() for k in keys}
+    rest = [k for k in spec if k not in covered]
+    return comps | ({REST: rest} if rest else {})
+
+
+def _start(
+    ingredients, val_acc, plan, opt_cls, params, ingredient_val_accs, state_file, t0
+) -> _Run:
+    """Ψ ← the best ingredient, or the saved state of an interrupted run with the same inputs."""
+    comps = {c: keys for c, keys in plan.items() if c != REST}
+    scorer = Scorer(val_acc)
+    device = val_acc.device if isinstance(val_acc, Evaluator) else torch.device("cpu")
+    run = dict(ingredients=ingredients, plan=plan, m=len(comps), params=params, scorer=scorer)
+    run |= dict(opt_cls=opt_cls, device=device, t0=t0)
+    fp = saved = None
+    if state_file is not None:
+        given = None if ingredient_val_accs is None else [float(a) for a in ingredient_val_accs]
+        fp = resume.fingerprint(
+            ingredients, comps, val_acc, params | {"ingredient_val_accs": given}
+        )
+        saved = resume.load(state_file, fp)
+    run |= dict(state_file=None if state_file is None else Path(state_file), fp=fp)
+    if saved is not None:  # resume after the last decided candidate (the ranking is kept)
+        scorer.trace = saved.trace
+        saved.psi = {k: v.to(device, copy=True) for k, v in saved.psi.items()}
+        saved.resumed_at = [*saved.resumed_at, saved.done]
+        return _Run(
+            **run,
+            state=saved,
+            order=best_first(saved.ingredient_val_accs),
+            elapsed0=saved.elapsed_s,
+        )
+    accs, order = ranked(ingredients, scorer, ingredient_val_accs)
+    first = open_ingredient(ingredients[order[0]])
+    state = resume.MMSState(
+        done=0,
+        psi={k: v.to(device, copy=True) for k, v in first.items()},  # Ψ ← θ_0 (owned)
+        acc_psi=accs[order[0]],
+        mixed=[order[0]],
+        weights={c: np.eye(len(ingredients))[order[0]].tolist() for c in plan},  # one-hot
+        ingredient_val_accs=accs,
+        trace=scorer.trace,
+        decisions=[],
+        optimizers=[],
+        elapsed_s=0.0,
+    )
+    out = _Run(**run, state=state, order=order)
+    out.commit(psi_changed=True)  # the ranking alone costs n evaluations
+    return out
 
 
 def manifold_mixing_soup(
@@ -284,6 +413,8 @@ def manifold_mixing_soup(
 ) -> SoupResult:
     """Mix candidates best-first, one λ per component, found by a nevergrad optimizer (MMS Alg. 1).
 
+    Each decision is recorded in `info["decisions"]`; an optimised candidate's holds λ* for every
+    mixed component (REST last), so the accepted steps replay the soup (`mms_steps`).
     With `state_file` (a `.json` path) the run's state is written atomically after every
     candidate's decision (Ψ beside it as `<stem>.psi-<k>.safetensors`); a rerun with the same
     inputs resumes at the next candidate and returns the same soup, bit for bit, as an
@@ -291,183 +422,89 @@ def manifold_mixing_soup(
     A single ingredient is allowed: it is returned as the soup after one evaluation.
     """
     t0 = time.perf_counter()
-    if variant not in _VARIANTS:
-        raise MMSoupError(f"variant must be 'paper' or 'author', got {variant!r}.")
-    opts = dict(_VARIANTS[variant])
-    given = dict(
+    v = _variant(
+        variant,
         bounds=bounds,
         budget_per_component=budget_per_component,
         accept_ties=accept_ties,
         refine=refine,
     )
-    opts |= {k: v for k, v in given.items() if v is not None}
-    if opts["bounds"] not in ("unit", "author"):
-        raise MMSoupError(f"bounds must be 'unit' or 'author', got {opts['bounds']!r}.")
-    opt_cls = _optimizer_class(optimizer)
-    spec = validate_pool(ingredients)
-    validate_partition(components, spec, complete=False)  # keys outside it follow λ0
-    comps = {str(c): list(keys) for c, keys in components.items()}
-    m = len(comps)
-    if opts["budget_per_component"] is not None:
-        budget = int(opts["budget_per_component"]) * m  # author: 30 per component
-    if int(budget) < 1:
+    opt_cls = optimizer_class(optimizer)
+    plan = _plan(ingredients, components)
+    m = len(plan) - (REST in plan)
+    budget = int(v.budget_per_component * m if v.budget_per_component is not None else budget)
+    if budget < 1:
         raise MMSoupError(f"budget must be at least 1 evaluation, got {budget}.")
     if not 0.0 <= tau <= 1.0:
         raise MMSoupError(f"tau must lie in [0, 1] (the paper uses 0.998), got {tau}.")
-    covered = {k for keys in comps.values() for k in keys}
-    rest = [k for k in spec if k not in covered]
-    plan = comps | ({REST: rest} if rest else {})  # what gets mixed; REST is fixed at λ0
-    ties = bool(opts["accept_ties"])
-    better = (lambda a, b: a >= b) if ties else (lambda a, b: a > b)
+    params = {"tau": tau, "budget": budget, "optimizer": optimizer, "seed": seed}
+    params |= {"variant": variant, **asdict(v)}
+    run = _start(ingredients, val_acc, plan, opt_cls, params, ingredient_val_accs, state_file, t0)
+    st = run.state
 
-    params = {"tau": tau, "budget": int(budget), "optimizer": optimizer, "seed": seed}
-    params |= {"variant": variant, **opts}
-    scorer = Scorer(val_acc)
-    device = val_acc.device if isinstance(val_acc, Evaluator) else torch.device("cpu")
-    fp = saved = None
-    if state_file is not None:
-        given = None if ingredient_val_accs is None else [float(a) for a in ingredient_val_accs]
-        fp = resume.fingerprint(
-            ingredients, comps, val_acc, params | {"ingredient_val_accs": given}
-        )
-        saved = resume.load(state_file, fp)
-    if saved is None:
-        accs, order = ranked(ingredients, scorer, ingredient_val_accs)
-        first = open_ingredient(ingredients[order[0]])
-        psi = {k: v.to(device, copy=True) for k, v in first.items()}  # Ψ ← θ_0 (owned)
-        del first
-        acc_psi, mixed = accs[order[0]], [order[0]]
-        weights = {c: np.eye(len(ingredients))[order[0]] for c in plan}  # one-hot of the best
-        ran, decisions, done, elapsed, resumed_at = [], [], 0, 0.0, []
-    else:  # resume after the last decided candidate (the ranking is not recomputed)
-        accs, scorer.trace = saved.ingredient_val_accs, saved.trace
-        order = best_first(accs)  # as `ranked`
-        psi = {k: v.to(device, copy=True) for k, v in saved.psi.items()}
-        acc_psi, mixed, done = saved.acc_psi, saved.mixed, saved.done
-        weights = {c: np.asarray(w, dtype=np.float64) for c, w in saved.weights.items()}
-        ran, decisions, elapsed = saved.optimizers, saved.decisions, saved.elapsed_s
-        resumed_at = [*saved.resumed_at, done]
-        del saved
-
-    def commit(psi_changed: bool) -> None:
-        """Write the run's state after a decision (Ψ only if it changed)."""
-        if state_file is None:
-            return
-        state = resume.MMSState(
-            done=done,
-            psi=psi,
-            acc_psi=acc_psi,
-            mixed=mixed,
-            weights={c: w.tolist() for c, w in weights.items()},
-            ingredient_val_accs=accs,
-            trace=scorer.trace,
-            decisions=decisions,
-            optimizers=ran,
-            elapsed_s=elapsed + time.perf_counter() - t0,
-            finished=done == len(order) - 1,
-            resumed_at=resumed_at,
-        )
-        resume.save(state_file, fp, state, psi_changed)
-
-    if done == 0:
-        commit(psi_changed=True)  # the ranking alone costs n evaluations
-    label = f"manifold mixing soup ({m} components)"
-    bar = dict(desc=label, initial=done, total=len(order) - 1, unit="candidate")
-    for i in tqdm(order[1 + done :], disable=not progress, **bar):
-        k = len(mixed)
+    # MMS Alg. 1: Ψ is the best ingredient; every other candidate θ_i, best-first, is
+    # mixed in with the per-component λ* that maximises the held-out accuracy, if it improves Ψ.
+    bar = dict(desc=f"manifold mixing soup ({run.m} components)", unit="candidate")
+    for i in tqdm(
+        run.order[1 + st.done :],
+        initial=st.done,
+        total=len(run.order) - 1,
+        disable=not progress,
+        **bar,
+    ):
+        k = len(st.mixed)
         lam0 = k / (k + 1)
-        theta = {key: v.to(device) for key, v in open_ingredient(ingredients[i]).items()}
-        search = _Search(scorer, psi, theta, plan, lam0, i, m)
-        acc_tilde = search(np.full(m, lam0))  # Ψ̃ = k/(k+1)·Ψ + 1/(k+1)·θ_i, one evaluation
-        accepted = False
-        if not better(acc_tilde, tau * acc_psi):
-            decisions.append({"candidate": i, "decision": "skipped", "approx_acc": acc_tilde})
-        else:
-            half = 0.5 * (1.0 - lam0)
-            lo, hi = (0.0, 1.0) if opts["bounds"] == "unit" else (lam0 - half, lam0 + half)
-            passes = [("pass1", np.full(m, lam0), lo, hi)]
-            while passes:
-                search.stage, init, lo, hi = passes.pop(0)
-                name = _optimize(opt_cls, search, init, lo, hi, budget, seed)
-                ran.append({"candidate": i, "pass": search.stage, "optimizer": name})
-                best_acc, best_lam = search.best()
-                if not (opts["refine"] and better(best_acc, acc_psi)):
-                    break
-                if search.stage == "pass1":  # author: refine in [0.3, 1] from λ*
-                    before = best_acc
-                    passes.append(("pass2", np.clip(best_lam, 0.3, 1.0), 0.3, 1.0))
-                elif search.stage == "pass2" and best_acc >= (1.0 + 0.3 * (1.0 - tau)) * before:
-                    passes.append(("pass3", np.clip(best_lam, 0.3, 1.0), 0.3, 1.0))
-            accepted = better(best_acc, acc_psi)
-            decision = "accepted" if accepted else "rejected"
-            decisions.append(
-                {
-                    "candidate": i,
-                    "decision": decision,
-                    "approx_acc": acc_tilde,
-                    "best_acc": best_acc,
-                }
-            )
+        theta = {key: x.to(run.device) for key, x in open_ingredient(ingredients[i]).items()}
+        search = _Search(run.scorer, st.psi, theta, run.plan, lam0, i, run.m)
+        acc_tilde = search(np.full(run.m, lam0))  # Ψ̃ = k/(k+1)·Ψ + 1/(k+1)·θ_i
+        decision = {"candidate": i, "decision": "skipped", "approx_acc": acc_tilde}
+        if v.better(acc_tilde, tau * st.acc_psi):  # else Ψ̃ is far worse than Ψ: skip θ_i
+            best_acc, best_lam = _best_lambda(search, v, st.acc_psi, run)
+            lambdas = search.full(best_lam)
+            accepted = v.better(best_acc, st.acc_psi)
+            decision |= {"decision": "accepted" if accepted else "rejected"}
+            decision |= {"best_acc": best_acc, "lambdas": lambdas}
             if accepted:
-                full = search.full(best_lam)
-                psi = interpolate(psi, theta, plan, full)  # Ψ ← Ψ'(λ*): exactly the evaluated model
-                onehot = np.eye(len(ingredients))[i]
-                for c, lam in zip(plan, full):  # w_j ← λ_j·w_j + (1-λ_j)·e_i
-                    weights[c] = lam * weights[c] + (1.0 - lam) * onehot
-                acc_psi = best_acc
-                mixed.append(i)
+                run.accept(i, theta, lambdas, best_acc)  # Ψ ← Ψ'(λ*)
+        st.decisions.append(decision)
         del theta, search  # drop the streamed candidate before opening the next
-        done += 1
-        commit(psi_changed=accepted)
+        st.done += 1
+        run.commit(psi_changed=decision["decision"] == "accepted")
 
     info = {
         "recipe": "manifold_mixing_soup",
         "params": params,
-        "n_components": m,
-        "uncovered_keys": rest,
-        "optimizers": ran,
-        "decisions": decisions,
-        "wall_time_s": elapsed + time.perf_counter() - t0,
+        "n_components": run.m,
+        "uncovered_keys": run.plan.get(REST, []),
+        "optimizers": st.optimizers,
+        "decisions": st.decisions,
+        "wall_time_s": run.elapsed0 + time.perf_counter() - run.t0,
         "versions": library_versions(),
     }
-    if resumed_at:
-        info["resumed_at"] = resumed_at  # `done` candidates at each resume
+    if st.resumed_at:
+        info["resumed_at"] = st.resumed_at  # `done` candidates at each resume
     return SoupResult(
-        state_dict={k: v.to("cpu") for k, v in psi.items()},
-        val_acc=acc_psi,
-        ingredients=mixed,
-        weights={c: w.tolist() for c, w in weights.items()},
-        n_evals=len(scorer.trace),
-        trace=scorer.trace,
-        ingredient_val_accs=accs,
+        state_dict={k: x.to("cpu") for k, x in st.psi.items()},
+        val_acc=st.acc_psi,
+        ingredients=st.mixed,
+        weights=st.weights,
+        n_evals=len(run.scorer.trace),
+        trace=run.scorer.trace,
+        ingredient_val_accs=st.ingredient_val_accs,
         info=info,
     )
 
 
-def mix_from_weights(
-    ingredients: Sequence[Ingredient],
-    components: Mapping[str, Sequence[str]] | None,
-    weights: Mapping[str, Sequence[float]],
-) -> dict[str, Tensor]:
-    """Rebuild a soup from per-component coefficients Σ_i w_j[i]·θ_i^j (MMS Alg. 1 unrolled), streamed."""
-    spec = validate_pool(ingredients, check_finite=False)
-    comps = dict(components) if components is not None else {ALL: list(spec)}
-    owner = {k: c for c, keys in comps.items() for k in keys}
-    for k in spec:
-        owner.setdefault(k, REST if REST in weights else ALL)
-    missing = {c for c in owner.values() if c not in weights}
-    if missing:
+def mms_steps(info: Mapping[str, Any]) -> list[tuple[int, list[float]]]:
+    """(candidate, λ*) of each accepted step of an MMS soup, from its `info` (MMS Alg. 1)."""
+    steps = [(d["candidate"], d.get("lambdas")) for d in info["decisions"]]
+    steps = [s for s, d in zip(steps, info["decisions"]) if d["decision"] == "accepted"]
+    if any(lam is None for _, lam in steps):
         raise MMSoupError(
-            f"weights lack component {sorted(missing)[0]!r}; pass the weights of this partition."
+            "This MMS soup was made by an older mmsoup that did not record λ* per step; "
+            "rebuild it (notebook 02) to replay its steps."
         )
-    out = {k: torch.zeros(shape, dtype=_acc_dtype(dt)) for k, (shape, dt) in spec.items()}
-    for i, sd in iter_ingredients(ingredients):
-        for k, v in sd.items():
-            w = float(weights[owner[k]][i])
-            if w != 0.0:
-                out[k].add_(v, alpha=w)
-        del sd
-    return {k: v.to(spec[k][1]) for k, v in out.items()}
+    return steps
 
 
 def wise_ft(zeroshot: Ingredient, finetuned: Ingredient, alpha: float) -> dict[str, Tensor]:

@@ -230,31 +230,15 @@ def _plot_lambda_star(
     plt.show()
 
 
-def mms_steps(meta: Mapping) -> list[tuple[int, list[float]]]:
-    """(candidate, λ*) of each accepted MMS step, read from a soup's sidecar trace (MMS Alg. 1)."""
-    steps = []
-    for d in meta["info"]["decisions"]:
-        if d["decision"] != "accepted":
-            continue
-        rows = [
-            r
-            for r in meta["trace"]
-            if r["candidate"] == d["candidate"] and r["lambdas"] is not None
-        ]
-        best = max(rows, key=lambda r: r["acc"])  # max keeps the first of equal maxima, as MMS does
-        steps.append((d["candidate"], best["lambdas"]))
-    return steps
-
-
 def explorer_inputs(paths, components, meta: Mapping):
     """The default pair: Ψ before MMS's last accepted step, that step's candidate, and its λ*.
 
     At λ* the panel shows exactly the fused model; at λ = 1 the soup without its last ingredient.
     """
     from mmsoup.checkpoints import load_state_dict
-    from mmsoup.soups import REST, interpolate
+    from mmsoup.soups import REST, interpolate, mms_steps
 
-    steps = mms_steps(meta)
+    steps = mms_steps(meta["info"])
     order = meta["ingredients"]
     psi = dict(load_state_dict(paths[order[0]]))
     if not steps:  # nothing was mixed in: explore the best model against the runner-up

@@ -42,6 +42,20 @@ def vit_case():
     return base, other, images, labels, comps
 
 
+def test_the_live_mix_is_bit_for_bit_mixing_interpolate(vit_case):
+    """Evaluator.mix and mixing.interpolate share one kernel: the kept soup is the evaluated model."""
+    from mmsoup.mixing import interpolate
+
+    base, other, images, labels, comps = vit_case
+    ev = Evaluator(create_classifier(seed=9), images, labels, device="cpu", batch_size=10)
+    lambdas = [0.3, 1 / 3, 0.55]
+    ev.mix(base, other, comps, lambdas)
+    live, rebuilt = ev.model.state_dict(), interpolate(base, other, comps, lambdas)
+    assert live.keys() == rebuilt.keys()
+    assert all(torch.equal(live[k].view(torch.int32), rebuilt[k].view(torch.int32)) for k in live)
+    assert not torch.equal(live["classification_head.weight"], base["classification_head.weight"])
+
+
 def test_mixed_accuracy_equals_rebuilt_state_dict_and_plain_forward(vit_case):
     base, other, images, labels, comps = vit_case
     ev = Evaluator(create_classifier(seed=9), images, labels, device="cpu", batch_size=10)

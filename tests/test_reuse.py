@@ -37,7 +37,7 @@ def _recording(ev: Evaluator) -> list[torch.Tensor]:
 
 def _full_logits(ref: Evaluator) -> list[torch.Tensor]:
     with torch.inference_mode():
-        return [ref._forward(x, project=False) for x, _ in ref._batches()]
+        return [ref.forward(x, project=False) for x, _ in ref.batches()]
 
 
 @pytest.mark.parametrize("cache_mb", [512.0, 1.6, 0.0])  # every block, 2 of 5 blocks, none
@@ -157,3 +157,51 @@ def test_models_other_than_open_clip_vits_take_the_plain_path():
     with torch.inference_mode():
         hits = sum(int((ref(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(8), y.split(8)))
     assert acc == hits / len(y)
+
+
+def test_the_prefix_cache_needs_only_the_public_source_interface():
+    """reuse.PrefixCache drives any object with the `reuse.Source` members, not Evaluator privates."""
+    import contextlib
+
+    from mmsoup import reuse
+
+    model = create_classifier(seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    images, labels = (
+        torch.randn(12, 3, 28, 28, generator=g),
+        torch.randint(0, 10, (12,), generator=g),
+    )
+
+    class Source:  # the members reuse.Source names, and nothing else
+        device = torch.device("cpu")
+        cache_key = ()
+
+        def __init__(self):
+            self.model = model
+
+        def batches(self):
+            return iter([(images[:5], labels[:5]), (images[5:], labels[5:])])
+
+        def preprocess(self, x):
+            return x
+
+        def project(self, logits):
+            return logits
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+        def forward(self, x):
+            return model(x)
+
+    cache = reuse.prefix_cache(Source(), budget_bytes=2**24)
+    assert cache is not None
+    with torch.inference_mode():
+        expected = int((model(images).argmax(-1) == labels).sum())
+    assert int(cache.hits(Source())) == expected
+    head = model.classification_head.weight
+    with torch.no_grad():
+        head.mul_(-1.0)  # only the last stage changes: a restart from the cached features
+    with torch.inference_mode():
+        expected = int((model(images).argmax(-1) == labels).sum())
+    assert int(cache.hits(Source())) == expected and cache.stats["reused"] == 1

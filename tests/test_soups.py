@@ -122,6 +122,29 @@ def test_mms_soup_is_rebuilt_from_its_weights_and_beats_the_best_ingredient(digi
     assert res.info["optimizers"][0]["optimizer"] == "Cobyla"  # NGOpt's pick at m=3, budget 60
 
 
+def test_mms_records_lambda_star_per_step_and_replaying_the_steps_rebuilds_the_soup(digits):
+    """MMS Alg. 1 replayed: Ψ ← best; Ψ ← Ψ'(λ*) for each accepted candidate, bit for bit."""
+    pool, ev = digits["pool"], digits["ev"]
+    res = manifold_mixing_soup(pool, ev, COMPS, budget=60, progress=False)
+    steps = soups.mms_steps(res.info)
+    assert [c for c, _ in steps] == res.ingredients[1:] and len(steps) >= 1
+    plan = dict(COMPS) | {
+        "_uncovered": [k for k in pool[0] if all(k not in v for v in COMPS.values())]
+    }
+    psi = dict(pool[res.ingredients[0]])
+    for k, (candidate, lam) in enumerate(steps, start=1):
+        assert len(lam) == len(plan) and lam[-1] == k / (k + 1)  # REST stays at λ0
+        psi = soups.interpolate(psi, pool[candidate], plan, lam)
+    assert _equal(psi, res.state_dict)
+    rejected = [d for d in res.info["decisions"] if d["decision"] == "rejected"]
+    assert all(len(d["lambdas"]) == len(plan) and d["best_acc"] <= res.val_acc for d in rejected)
+    old = {
+        "decisions": [{k: v for k, v in d.items() if k != "lambdas"} for d in res.info["decisions"]]
+    }
+    with pytest.raises(MMSoupError, match="did not record λ\\* per step; rebuild it"):
+        soups.mms_steps(old)
+
+
 def test_mms_fast_path_equals_plain_load_state_dict_path(digits):
     pool = digits["pool"]
     kw = dict(budget=30, optimizer="Cobyla", progress=False)
@@ -259,7 +282,7 @@ def test_cobyla_finishing_early_neither_crashes_nor_spins(monkeypatch):
         opt.ask = lambda: asks.append(1) or ask()
         return opt
 
-    monkeypatch.setattr(soups, "_optimizer_class", lambda name: counting)
+    monkeypatch.setattr(soups, "optimizer_class", lambda name: counting)
     pool, val_acc, comps = _toy_pool(2)
     res = manifold_mixing_soup(
         pool, val_acc, comps, tau=0.0, budget=5000, optimizer="Cobyla", progress=False
@@ -282,6 +305,19 @@ def test_logit_and_greedy_ensembles(digits):
     members = [pool[i] for i in greedy.ingredients]
     assert torch.allclose(ensemble_logits(members, ev), greedy.logits, atol=1e-6)
     assert greedy.val_acc >= max(greedy.ingredient_val_accs)
+
+
+def test_an_ensemble_saves_like_a_soup(digits, tmp_path):
+    """Members, accuracies, trace, info and provenance in one JSON file (no fused weights)."""
+    import json
+
+    res = greedy_ensemble(digits["pool"], digits["ev"])
+    path = res.save(tmp_path / "greedy_ensemble.json")
+    saved = json.loads(path.read_text())
+    assert saved["ingredients"] == res.ingredients and saved["val_acc"] == res.val_acc
+    assert saved["trace"] == res.trace and saved["n_evals"] == len(digits["pool"])
+    assert saved["info"]["recipe"] == "greedy_ensemble" and "torch" in saved["versions"]
+    assert saved["machine"]["cores"] >= 1
 
 
 def test_wise_ft_interpolates_between_zeroshot_and_finetuned(digits):
