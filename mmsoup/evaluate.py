@@ -3,8 +3,10 @@
 The MMS objective ValAcc(Ψ'(λ)) is evaluated hundreds of times per candidate, so the `Evaluator`
 keeps one model instance and the held-out tensors on the device, writes each candidate
 Ψ'(λ)^j = λ_j·Ψ^j + (1-λ_j)·θ^j straight into the parameters (no state-dict rebuilding, no
-`load_state_dict`, no DataLoader) and runs the forward pass in inference mode (bf16 autocast on
-CUDA). Through `mixed_accuracy`, an open_clip ViT restarts its forward at the first stage whose
+`load_state_dict`, no DataLoader) and runs the forward pass in inference mode. Precision is fp32,
+as in the references (Soups' and the MMS author's evaluation), with TF32 off on CUDA so that the
+held-out decisions do not depend on the GPU generation; bf16 autocast is an opt-in fast mode
+(`amp=True`). Through `mixed_accuracy`, an open_clip ViT restarts its forward at the first stage whose
 weights changed since the last evaluation (`mmsoup.reuse`), bit for bit the same accuracy.
 Class projections implement Soups' 200-class (ImageNet-R/-A) and ObjectNet evaluations (Soups §3).
 The logit ensembles that score on an Evaluator's logits are in `mmsoup.ensembles`.
@@ -201,7 +203,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.preprocess = preprocess if preprocess is not None else (lambda x: x)
         self.projection = projection
-        self.amp = self.device.type == "cuda" if amp is None else amp
+        self.amp = bool(amp)  # None or False: fp32 (the references); True: bf16 autocast
         # key -> live tensor (aliases of the parameters/buffers, written in place)
         self._params = {k: v.detach() for k, v in self.model.state_dict(keep_vars=True).items()}
         self._float_keys = {k for k, v in self._params.items() if v.is_floating_point()}
@@ -254,9 +256,20 @@ class Evaluator:
                 "check the image shape, preprocess and class indices."
             ) from e
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The precision every forward runs in: bf16 autocast if `amp`, else the model's dtype."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """The precision every forward runs in: bf16 autocast if `amp`, else full fp32 (no TF32)."""
+        if self.amp or self.device.type != "cuda":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                yield
+            return
+        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        saved = matmul.fp32_precision, conv.fp32_precision
+        matmul.fp32_precision = conv.fp32_precision = "ieee"  # cuDNN convs default to TF32
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = saved
 
     def forward(self, x: Tensor, project: bool = True) -> Tensor:
         """Logits (B, C') of one batch of held-out inputs (raw (B, C) if not `project`)."""

@@ -201,7 +201,8 @@ def context(profile: str, device: str | None = None) -> Context:
             *[(s, s) for s in ("ImageNet", *shifts(profile))],
         ):
             split = {"per_class": prof.heldout_per_class} if dataset == "ImageNet2p" else {}
-            cache = build_cache(load_dataset(dataset, **split))
+            ds = load_dataset(dataset, objectnet_border=prof.objectnet_border, **split)
+            cache = build_cache(ds)
             sets[name] = (
                 torch.from_numpy(np.asarray(cache.images)),
                 torch.from_numpy(np.asarray(cache.labels)),
@@ -214,7 +215,14 @@ def context(profile: str, device: str | None = None) -> Context:
         keep_freed_memory()  # the stages' evaluations reuse the same activation blocks
     evaluators = {
         name: Evaluator(
-            model, x, y, device=device, preprocess=pre, projection=proj, batch_size=batch_size
+            model,
+            x,
+            y,
+            device=device,
+            preprocess=pre,
+            projection=proj,
+            batch_size=batch_size,
+            amp=bool(prof.bf16),  # fp32 unless the profile opts into bf16 (`paper:bf16=1`)
         )
         for name, (x, y, pre, proj) in sets.items()
     }

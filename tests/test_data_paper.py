@@ -66,11 +66,25 @@ def test_objectnet_mapping_max_projection_and_unmapped_drop(data_root: Path) -> 
     ds = load_dataset("ObjectNet", data_root)
     assert ds.classes == ("alarm_clock", "banana") and ds.labels.tolist() == [0, 0, 1, 1]
     assert not any("squeegee" in p for p in ds.paths)  # images of unmapped classes are dropped
-    assert isinstance(ds.projection, ClassGroups) and ds.border == 2
+    assert isinstance(ds.projection, ClassGroups) and ds.border == 0  # uncropped, as published
+    assert load_dataset("ObjectNet", data_root, objectnet_border=2).border == 2  # the opt-in crop
     analog, digital, banana = (WNIDS.index(w) for w in ("n02708093", "n03196217", "n07753592"))
     logits = torch.zeros(1, 1000)
     logits[0, digital], logits[0, analog], logits[0, banana] = 5.0, 1.0, 3.0
     assert ds.projection(logits).tolist() == [[5.0, 3.0]]  # class score = max over its mapping
+
+
+def test_objectnet_images_are_open_clips_preprocessing_of_the_uncropped_files(data_root) -> None:
+    """The published ObjectNet numbers are of uncropped images: so are mmsoup's by default."""
+    ds = load_dataset("ObjectNet", data_root)
+    transform = open_clip.image_transform(224, is_train=False)
+    for i, path in enumerate(ds.paths):
+        with Image.open(path) as im:
+            reference = transform(im)
+        ours = tc.normalizer()(tc.decode(ds, i)[None])[0]
+        assert torch.equal(ours, reference), path  # bit for bit
+    cropped = load_dataset("ObjectNet", data_root, objectnet_border=2)
+    assert not torch.equal(tc.decode(cropped, 0), tc.decode(ds, 0))
 
 
 def test_objectnet_border_is_cropped_before_resizing(tmp_path: Path) -> None:
@@ -127,7 +141,7 @@ def test_cache_round_trip_is_uint8_memory_mapped_and_exact(tmp_path: Path, data_
     # uint8 cache + on-device normalizer == open_clip's own validation preprocess, bit for bit
     reference = open_clip.image_transform(224, is_train=False)
     with Image.open(ds.paths[1]) as im:
-        expected = reference(im.crop((2, 2, im.width - 2, im.height - 2)))
+        expected = reference(im)  # uncropped, as the published numbers
     images, _ = cached.tensors()
     assert torch.equal(tc.normalizer()(images[1:2])[0], expected)
     again = tc.build_cache(ds, tmp_path, workers=0, progress=False)  # found, not decoded again
