@@ -49,6 +49,11 @@ class Pool:
     threads: int | None = None  # the profile's torch threads (mmsoup.determinism.pinned)
 
     @property
+    def id_set(self) -> str:
+        """Name of the in-distribution test set (the first of `tests`)."""
+        return next(iter(self.tests))
+
+    @property
     def names(self) -> list[str]:
         """Names of the ingredients, model_0 first."""
         return list(self.models["name"])
@@ -224,9 +229,9 @@ def heldout_logits(
 
 
 def logit_accuracies(logits: Sequence[Tensor], ev: Evaluator) -> list[float]:
-    """Top-1 accuracy (%) of each model from its raw logits."""
+    """Top-1 accuracy (a fraction, as `ev(state)` returns) of each model from its raw logits."""
     labels = ev.labels.cpu()
-    return [100 * accuracy(ev.project(z), labels) for z in logits]
+    return [accuracy(ev.project(z), labels) for z in logits]
 
 
 def pair_table(
@@ -247,7 +252,7 @@ def pair_table(
     """
     names = list(names) if names is not None else [f"model_{i}" for i in range(len(ingredients))]
     logits = list(logits) if logits is not None else heldout_logits(ingredients, ev, progress)
-    accs = logit_accuracies(logits, ev)
+    accs = [100 * a for a in logit_accuracies(logits, ev)]
     tuned = [i for i in range(len(ingredients)) if i != init]
     updates = {i: flat_update(ingredients[init], ingredients[i]) for i in tuned}
     labels = ev.labels.cpu()
