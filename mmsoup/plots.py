@@ -62,6 +62,7 @@ def plot_error_landscape(landscape: pd.DataFrame, title: str | None = None) -> F
         "θ_b": ("o", WHY_COLOURS["orange"]),
         "average": ("*", WHY_COLOURS["red"]),
     }
+    middle = 0.5 * (grid["x"].min() + grid["x"].max())
     for _, r in landscape[landscape["point"] != "grid"].iterrows():
         marker, colour = style.get(r["point"], ("D", "white"))
         size = 260 if marker == "*" else 90
@@ -71,8 +72,9 @@ def plot_error_landscape(landscape: pd.DataFrame, title: str | None = None) -> F
         ax.annotate(
             f"{r['point']}  {r['error']:.1f}%",
             (r["x"], r["y"]),
-            xytext=(7, 7),
+            xytext=(-8 if r["x"] > middle else 8, 7),  # toward the centre: inside the axes
             textcoords="offset points",
+            ha="right" if r["x"] > middle else "left",
             color="white",
             fontsize=9,
             weight="bold",
@@ -146,8 +148,9 @@ def plot_random_order(curves: pd.DataFrame) -> Figure:
         ("greedy", "greedy soup", WHY_COLOURS["orange"]),
     )
     for ax, (suffix, label) in zip(axes, panels):
+        n = curves["seed"].nunique()
         for col, name, colour in lines:
-            for _, seed in curves.groupby("seed"):  # each order, thin
+            for _, seed in curves.groupby("seed") if n > 1 else ():  # each order, thin
                 ax.plot(seed["k"], seed[col + suffix], color=colour, alpha=0.35, linewidth=0.8)
             mean = curves.groupby("k")[col + suffix].mean()
             ax.plot(
@@ -161,8 +164,8 @@ def plot_random_order(curves: pd.DataFrame) -> Figure:
             )
         ax.set_xlabel("models in the pool (random order)")
         ax.set_ylabel(f"{label} acc (%)")
-        n = curves["seed"].nunique()
-        ax.set_title(f"{label}: mean of {n} order{'s' if n > 1 else ''} (thin: each)", fontsize=10)
+        title = f"mean of {n} random orders (thin: each)" if n > 1 else "one random order"
+        ax.set_title(f"{label}: {title}", fontsize=10)
     axes[0].legend(frameon=False, fontsize=9, loc="lower right")
     return fig
 
