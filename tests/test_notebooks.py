@@ -31,6 +31,21 @@ def test_notebook_06_runs_headless_and_reports_readouts(smoke_run, tmp_path):
     assert "heldout" in out.read_text()  # the readouts table was displayed
 
 
+def test_notebook_07_runs_headless_with_its_figures_and_few_stream_lines(smoke_run, tmp_path):
+    """Soups §3.2 and appendices on the smoke pool: five figures drawn, progress kept to one line each."""
+    import nbformat
+
+    params = {"profile": "smoke", "run_dir": str(smoke_run), "images": 100, "grid": 3, "seeds": 1}
+    out = run_notebook("07_why_soups_work", params, tmp_path, stream=False)
+    nb = nbformat.read(out, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
+    assert not any(o["output_type"] == "error" for o in outputs)
+    for o in outputs:
+        if o["output_type"] == "stream":
+            assert len(o["text"].splitlines()) <= 8, o["text"][:200]
+
+
 def test_an_unknown_notebook_parameter_is_refused_before_running(tmp_path):
     with pytest.raises(MMSoupError, match="has no parameter 'budjet'"):
         run_notebook("02_soups", {"budjet": 3}, tmp_path)
