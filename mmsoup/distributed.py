@@ -7,7 +7,8 @@ evaluators, which are `Evaluator`s: each call broadcasts a command, any state di
 not hold yet (Ψ and θ_i once per candidate, not per λ) and λ; the other ranks sit in `serve()`.
 Correct counts are all-reduced, so each accuracy is the single-process one (same batches, same
 integer count, same division) and the soup, its trace and its files are identical. Only rank 0
-writes files. Without torchrun (no WORLD_SIZE) everything runs in one process.
+writes files. Without torchrun (no WORLD_SIZE) everything runs in one process. The command
+`mmsoup distributed` (mmsoup.distributed_cli) builds one soup this way:
 
     torchrun --nproc_per_node=2 -m mmsoup.distributed --ingredients runs/embedded/sweep --out mms.safetensors
 """
