@@ -95,7 +95,7 @@ def load_pool(
     profile: str, run_dir: str | os.PathLike, images: int | None = None, seed: int = 0
 ) -> Pool:
     """The run's pool, hyper-parameters, notebook 02's soups and evaluators on `images` per set."""
-    from mmsoup.pipeline import context, ingredient_paths
+    from mmsoup.context import context, ingredient_paths
     from mmsoup.profiles import get_profile
 
     paths = ingredient_paths(profile, run_dir)

@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from mmsoup.errors import MMSoupError
+from mmsoup.errors import MMSoupError, Parser
 from mmsoup.io import cache_root, check_free_space, check_readable, check_writable
 from mmsoup.progress import pretrain_lines
 
@@ -304,14 +304,6 @@ def _json_argument(value: str, flag: str) -> dict[str, Any]:
     return data
 
 
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one MMSoupError sentence (exit 2), not usage + message."""
-
-    def error(self, message: str) -> NoReturn:
-        """Raise a wrong or missing flag as an MMSoupError naming it and pointing to --help."""
-        raise MMSoupError(f"{message}; see `{self.prog} --help`.")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per registered command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -381,8 +373,6 @@ def cmd_data(args: argparse.Namespace) -> int | None:
             images, _ = digits.load(name)
             print(f"{name:>16}  {len(images):>5} images  sha256 ok  {path}")
         return 0
-    from mmsoup.data.manifest import cmd_data_fetch, cmd_data_verify
-
     if args.action == "verify":
         if get_profile(args.profile).dataset != "imagenet":  # digits live in the cache, by digest
             args.data_root = args.data_root or str(cache_root())
@@ -392,6 +382,28 @@ def cmd_data(args: argparse.Namespace) -> int | None:
     flag = "--data-root" if args.data_root else "the data folder ($MMSOUP_DATA)"
     check_writable(data_root(args.data_root), flag)
     return cmd_data_fetch(args)
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    """`mmsoup data verify --profile P [--data-root DIR]`: print the table; 1 if anything is not present."""
+    from mmsoup.data.manifest import PRESENT, format_report, verify
+
+    table = verify(getattr(args, "profile", "paper"), getattr(args, "data_root", None))
+    print(format_report(table))
+    return 0 if (table["status"] == PRESENT).all() else 1
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    """`mmsoup data fetch NAME... [--data-root DIR] [--quiet]`: download what is public."""
+    if not getattr(args, "names", None):
+        raise MMSoupError("Name what to fetch, e.g. `mmsoup data fetch model_0` or `model_*`.")
+    from mmsoup.data.manifest import fetch
+
+    for path in fetch(
+        args.names, getattr(args, "data_root", None), not getattr(args, "quiet", False)
+    ):
+        print(f"present {path}")
+    return 0
 
 
 @command(
@@ -408,13 +420,12 @@ def cmd_soup(args: argparse.Namespace) -> None:
     from mmsoup.profiles import get_profile
 
     get_profile(args.profile)
+    from mmsoup.recipes import recipe
+
+    for name in args.recipe or ():
+        recipe(name)  # an unknown name: one sentence listing the recipes
     from mmsoup import pipeline
 
-    unknown = [r for r in args.recipe or () if r not in pipeline.RECIPES]
-    if unknown:
-        raise MMSoupError(
-            f"Unknown recipe {unknown[0]!r}; pick from {', '.join(pipeline.RECIPES)}."
-        )
     run_dir = check_writable(args.run_dir or Path("runs") / args.profile, "--run-dir")
     check_cache(args)  # the digits sets are built there on first use
     recipes = tuple(args.recipe) if args.recipe else None
@@ -466,7 +477,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 )
 def cmd_distributed(args: argparse.Namespace) -> int | None:
     """Forward to `python -m mmsoup.distributed` (torch.distributed)."""
-    from mmsoup.distributed import main as distributed_main
+    from mmsoup.distributed_cli import main as distributed_main
 
     return distributed_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
 

@@ -7,21 +7,18 @@ evaluators, which are `Evaluator`s: each call broadcasts a command, any state di
 not hold yet (Ψ and θ_i once per candidate, not per λ) and λ; the other ranks sit in `serve()`.
 Correct counts are all-reduced, so each accuracy is the single-process one (same batches, same
 integer count, same division) and the soup, its trace and its files are identical. Only rank 0
-writes files. Without torchrun (no WORLD_SIZE) everything runs in one process.
+writes files. Without torchrun (no WORLD_SIZE) everything runs in one process. The command
+`mmsoup distributed` (mmsoup.distributed_cli) builds one soup this way:
 
     torchrun --nproc_per_node=2 -m mmsoup.distributed --ingredients runs/embedded/sweep --out mms.safetensors
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -29,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mmsoup.errors import MMSoupError
-from mmsoup.evaluate import Evaluator, StateDict, keep_freed_memory
+from mmsoup.evaluate import Evaluator, StateDict
 
 T = TypeVar("T")
 _EVALUATORS: dict[str, DistributedEvaluator] = {}  # name -> evaluator, the same on every rank
@@ -302,176 +299,6 @@ def run_on_rank0(fn: Callable[[], T]) -> T | None:
         return fn()
     finally:
         _bcast_object({"op": "stop"})
-
-
-# -- entry point: one soup under torchrun ----------------------------------------------------
-def _tensors(profile: str, name: str, npz: Path | None):
-    """(images, labels, preprocess, projection) of a profile's set, or of an .npz (images, labels)."""
-    import numpy as np
-
-    from mmsoup.data import digits
-    from mmsoup.profiles import get_profile
-
-    if npz is not None or get_profile(profile).dataset == "digits":
-        if npz is not None:
-            with np.load(npz) as f:
-                images, labels = f["images"], f["labels"]
-        else:
-            images, labels = digits.load(name)
-        x = digits.to_tensor(images) if images.ndim == 3 else torch.as_tensor(images)
-        return x, torch.as_tensor(labels), None, None
-    from mmsoup.data.cache import build_cache, normalizer  # the paper profile, as in the pipeline
-    from mmsoup.data.imagenet import load_dataset
-
-    cache = build_cache(load_dataset("ImageNet2p" if name == "heldout" else name))
-    x = torch.from_numpy(np.asarray(cache.images))
-    return x, torch.from_numpy(np.asarray(cache.labels)), normalizer(), cache.projection
-
-
-def _pool(items: Sequence[str]) -> list[Path]:
-    paths: list[Path] = []
-    for item in map(Path, items):
-        if item.is_dir():
-            found = item.glob("model_*.safetensors")
-            paths += sorted(found, key=lambda p: int(p.stem.split("_")[1]))
-        else:
-            paths.append(item)
-    if not paths:
-        raise MMSoupError(
-            f"No checkpoints in {list(items)}; pass files or a folder of model_*.safetensors."
-        )
-    return paths
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of `python -m mmsoup.distributed` (also usable as a CLI subcommand)."""
-    from mmsoup.cli import Parser  # a wrong flag: one line, exit 2 (as every mmsoup command)
-
-    ap = Parser(
-        prog="mmsoup distributed",
-        description="One soup with evaluation sharded over torchrun ranks.",
-    )
-    ap.add_argument("--ingredients", nargs="+", required=True, help="checkpoints or folders")
-    ap.add_argument("--recipe", choices=("mms", "greedy", "uniform"), default="mms")
-    ap.add_argument("--scheme", default="C26+live", help="partition scheme for MMS")
-    ap.add_argument("--budget", type=int, default=250)
-    ap.add_argument("--tau", type=float, default=0.998)
-    ap.add_argument("--optimizer", default="NGOpt")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variant", default="paper", choices=("paper", "author"))
-    ap.add_argument("--profile", default="embedded")
-    ap.add_argument("--heldout", type=Path, help=".npz with images/labels instead of the profile's")
-    ap.add_argument("--test", nargs="*", default=[], help="sets (or .npz) to score the soup on")
-    ap.add_argument("--batch-size", type=int, default=1000)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--backend", default=None, help="gloo / nccl (default: nccl with CUDA)")
-    ap.add_argument("--no-reuse", action="store_true", help="no prefix-activation reuse")
-    ap.add_argument("--cache-mb", type=float, default=512.0)
-    ap.add_argument("--out", type=Path, required=True, help="the soup (.safetensors), rank 0 only")
-    return ap
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse a bad flag, a missing input or an unwritable --out before any rank starts work."""
-    from mmsoup.data import digits
-    from mmsoup.io import check_readable, check_writable
-    from mmsoup.profiles import get_profile
-
-    get_profile(args.profile)
-    for flag, value, low in (("--budget", args.budget, 1), ("--batch-size", args.batch_size, 1)):
-        if value < low:
-            raise MMSoupError(f"{flag} {value} is out of range; use an integer >= {low}.")
-    if not 0.0 <= args.tau <= 1.0:
-        raise MMSoupError(
-            f"--tau {args.tau} is out of range; use a number in [0, 1] (paper: 0.998)."
-        )
-    if not args.cache_mb >= 0:
-        raise MMSoupError(f"--cache-mb {args.cache_mb} is out of range; use a number >= 0.")
-    for item in args.ingredients:
-        if not Path(item).is_dir():
-            check_readable(item, "--ingredients")
-    if args.heldout is not None:
-        check_readable(args.heldout, "--heldout")
-    for name in args.test:
-        if name.endswith(".npz"):
-            check_readable(name, "--test")
-        elif (
-            get_profile(args.profile).dataset == "digits"
-            and name not in digits.SPLITS + digits.SHIFTS
-        ):
-            raise MMSoupError(
-                f"--test {name!r} is not a digits set; pick from {', '.join(digits.SPLITS + digits.SHIFTS)} or pass an .npz."
-            )
-    check_writable(args.out, "--out", file=True)
-
-
-def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Build the evaluators on every rank, the soup on rank 0; rank 0's summary, None elsewhere."""
-    from mmsoup.checkpoints import load_state_dict, save_state_dict
-    from mmsoup.models import create_classifier
-    from mmsoup.partition import partition
-    from mmsoup.profiles import get_profile
-    from mmsoup.soups import greedy_soup, manifold_mixing_soup, optimizer_class, uniform_soup
-
-    check_args(args)
-    rank, world = init(args.backend)
-    paths = _pool(args.ingredients)
-    first = load_state_dict(paths[0])
-    head = first["classification_head.weight"].shape[0]
-    model = create_classifier(get_profile(args.profile).arch, head)
-    if args.recipe == "mms":  # a wrong scheme or optimizer fails before the data are loaded
-        comps = partition(first, args.scheme, model=model)
-        optimizer_class(args.optimizer)
-    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
-        keep_freed_memory()  # as the pipeline's stages on CPU
-    opts = dict(device=args.device, batch_size=args.batch_size, reuse=not args.no_reuse)
-    opts |= {"cache_mb": args.cache_mb}
-    sets = {"heldout": _tensors(args.profile, "heldout", args.heldout)}
-    for name in args.test:
-        sets[name] = _tensors(args.profile, name, Path(name) if name.endswith(".npz") else None)
-    evs = {
-        name: DistributedEvaluator(model, x, y, name=name, preprocess=pre, projection=proj, **opts)
-        for name, (x, y, pre, proj) in sets.items()
-    }
-    ev = evs["heldout"]
-
-    def soup() -> dict[str, Any]:
-        t0 = time.perf_counter()
-        if args.recipe == "uniform":
-            state = uniform_soup(paths)
-            summary = {"val_acc": ev(state), "n_evals": 1}
-            save_state_dict(state, args.out, {"recipe": "uniform_soup", **summary})
-        else:
-            if args.recipe == "greedy":
-                res = greedy_soup(paths, ev, progress=False)
-            else:
-                kw = dict(
-                    tau=args.tau, budget=args.budget, optimizer=args.optimizer, seed=args.seed
-                )
-                res = manifold_mixing_soup(
-                    paths, ev, comps, variant=args.variant, progress=False, **kw
-                )
-            state, summary = res.state_dict, {"val_acc": res.val_acc, "n_evals": res.n_evals}
-            summary["ingredients"] = res.ingredients
-            res.save(args.out)
-        summary |= {name: e(state) for name, e in evs.items() if name != "heldout"}
-        return summary | {
-            "recipe": args.recipe,
-            "world": world,
-            "seconds": time.perf_counter() - t0,
-        }
-
-    return run_on_rank0(soup)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m mmsoup.distributed ...` (under torchrun or alone): print rank 0's summary as JSON."""
-    summary = run(build_parser().parse_args(argv))
-    if summary is not None:
-        print(json.dumps(summary))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":  # through the CLI: a user's mistake is one line and exit 2

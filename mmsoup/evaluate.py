@@ -150,7 +150,7 @@ def keep_freed_memory() -> bool:
     project's 2-core machine (1532 -> 879 CPU ms median at batch 1,024) and removed the cost of
     keeping prefix activations (benchmarks/bench_allocator.py). Skipped when the user set glibc's own malloc variables or
     MMSOUP_MALLOC_DEFAULTS; returns whether the settings are in effect. The setting holds for the
-    whole process, so it is opt-in: the stages that evaluate on CPU (`mmsoup.pipeline.context`,
+    whole process, so it is opt-in: the stages that evaluate on CPU (`mmsoup.context.context`,
     `mmsoup distributed`) call it, constructing an `Evaluator` does not.
     """
     global _malloc_tuned

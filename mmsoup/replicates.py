@@ -136,15 +136,17 @@ def _fan_out(
 # -- summary ------------------------------------------------------------------------------------
 def replicate_rows(run_dir: str | os.PathLike, profile: str, r: int) -> pd.DataFrame:
     """One row per method of one replicate: accuracies and Δ against its best individual model."""
-    from mmsoup import pipeline, report
+    from mmsoup import context
+    from mmsoup.results import HELDOUT_SET, load_results
+    from mmsoup.table1 import AVG_OOD, BEST, table1
 
     run_dir = Path(run_dir)
-    acc, _ = report.load_results(run_dir)
-    id_set, shifts = pipeline.id_set(profile), pipeline.shifts(profile)
-    table = report.table1(acc, id_set, shifts)
-    held = acc[acc["set"] == report.HELDOUT_SET].set_index("method")["accuracy"]
+    acc, _ = load_results(run_dir)
+    id_set, shifts = context.id_set(profile), context.shifts(profile)
+    table = table1(acc, id_set, shifts)
+    held = acc[acc["set"] == HELDOUT_SET].set_index("method")["accuracy"]
     mixed = _models_mixed(run_dir)
-    best = table.loc[report.BEST]
+    best = table.loc[BEST]
     rows = []
     for label, row in table.iterrows():
         if label in NOT_METHODS:
@@ -153,13 +155,13 @@ def replicate_rows(run_dir: str | os.PathLike, profile: str, r: int) -> pd.DataF
             {
                 "replicate": r,
                 "method": label,
-                "model": row["model"] if label == report.BEST else "",
+                "model": row["model"] if label == BEST else "",
                 "heldout": held.get(row["model"], np.nan),
                 "id": row[id_set],
-                "avg_ood": row[report.AVG_OOD],
+                "avg_ood": row[AVG_OOD],
                 "delta_id": row[id_set] - best[id_set],
-                "delta_ood": row[report.AVG_OOD] - best[report.AVG_OOD],
-                "models_mixed": 1 if label == report.BEST else mixed.get(label, np.nan),
+                "delta_ood": row[AVG_OOD] - best[AVG_OOD],
+                "models_mixed": 1 if label == BEST else mixed.get(label, np.nan),
             }
         )
     return pd.DataFrame(rows)
@@ -288,7 +290,7 @@ def figure(rows: pd.DataFrame, table: pd.DataFrame, path: str | os.PathLike) -> 
 
     methods = [m for m in table["method"] if m != "Best individual"]
     n = rows["replicate"].nunique()
-    # no pyplot: the caller's backend (a notebook's inline one) stays as it is, as in report.figure2
+    # no pyplot: the caller's backend (a notebook's inline one) stays as it is, as in plots.figure2
     fig = Figure(figsize=(10, 0.42 * len(methods) + 1.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)

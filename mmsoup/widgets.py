@@ -262,20 +262,21 @@ def from_run(run_dir, profile: str = "embedded", method: str = "MMS-C15") -> Lam
     """A λ explorer over an MMS soup of a run folder (notebook 06): sliders start at λ*."""
     from pathlib import Path
 
-    from mmsoup import pipeline
     from mmsoup.checkpoints import read_sidecar
+    from mmsoup.context import context, ingredient_paths
     from mmsoup.partition import partition
+    from mmsoup.recipes import recipe
 
-    file = Path(run_dir) / "soups" / f"{pipeline.slug(method)}.safetensors"
+    file = Path(run_dir) / "soups" / recipe(method).file
     if not file.is_file():
         raise MMSoupError(
             f"{file} does not exist; run notebook 02 (soups) for this run folder first."
         )
     meta = read_sidecar(file)
-    ctx = pipeline.context(profile)
+    ctx = context(profile)
     model = ctx.heldout.model
-    components = partition(model.state_dict(), pipeline.MMS_SCHEMES[method], model=model)
-    paths = pipeline.ingredient_paths(profile, run_dir)
+    components = partition(model.state_dict(), recipe(method).scheme, model=model)
+    paths = ingredient_paths(profile, run_dir)
     a, b, lam, (name_a, name_b) = explorer_inputs(paths, components, meta)
     names = (
         f"{method} before its last ingredient" if name_a == "fused" else f"model_{name_a}",

@@ -114,7 +114,7 @@ def test_entry_point_runs_alone_and_only_rank0_writes(tmp_path, capsys):
     import numpy as np
 
     from mmsoup.checkpoints import save_state_dict
-    from mmsoup.distributed import main
+    from mmsoup.distributed_cli import main
 
     pool, _, _, _ = _case()
     paths = [save_state_dict(sd, tmp_path / f"model_{i}.safetensors") for i, sd in enumerate(pool)]

@@ -649,7 +649,7 @@ def _(tmp, monkeypatch):
 
 @case("disk full while writing a table", "disk filled up while writing", "table1.csv", "free space")
 def _(tmp, monkeypatch):
-    from mmsoup.report import write_table1
+    from mmsoup.table1 import write_table1
 
     table = pd.DataFrame({"ImageNet": [80.0], "Avg OOD": [50.0]}, index=["Greedy soup"])
     _full_disk_temp_files(monkeypatch)

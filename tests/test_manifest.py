@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mmsoup import cli
 from mmsoup.data import manifest as mf
 from mmsoup.errors import MMSoupError
 
@@ -258,10 +259,10 @@ def test_cli_handlers_report_and_exit_nonzero_when_data_is_missing(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     args = argparse.Namespace(profile="paper", data_root=str(tmp_path))
-    assert mf.cmd_data_verify(args) == 1  # nothing is present in an empty data root
+    assert cli.cmd_data_verify(args) == 1  # nothing is present in an empty data root
     out = capsys.readouterr().out
     assert "missing" in out and "python -m mmsoup data fetch model_0" in out
     n = int((mf.read_manifest()["profile"] == "paper").sum())
     assert out.strip().splitlines()[-1].startswith(f"0 present, {n} missing")
     with pytest.raises(MMSoupError, match="Name what to fetch"):
-        mf.cmd_data_fetch(argparse.Namespace(names=[], data_root=str(tmp_path)))
+        cli.cmd_data_fetch(argparse.Namespace(names=[], data_root=str(tmp_path)))

@@ -22,11 +22,13 @@ from paper_standins import SIZES, WNIDS, make_data_root, save_released_checkpoin
 from PIL import Image
 
 from mmsoup.checkpoints import read_sidecar
+from mmsoup.context import ingredient_paths
 from mmsoup.data.manifest import artifact_path
 from mmsoup.errors import MMSoupError
 from mmsoup.models import PAPER_ARCH, create_classifier
-from mmsoup.pipeline import RECIPES, figure2_stage, finetune_stage, ingredient_paths
+from mmsoup.pipeline import figure2_stage, finetune_stage
 from mmsoup.profiles import get_profile
+from mmsoup.recipes import NAMES
 
 SPEC = "paper:n_runs=2,mms_budget=3,heldout_per_class=2"
 SETS = (
@@ -71,7 +73,7 @@ def _reference_logits(state_file: Path, files: list[str], border: int = 0) -> to
 
 def test_every_model_and_recipe_is_evaluated_on_every_set(paper_run) -> None:
     acc = pd.read_csv(paper_run["run"] / "results" / "accuracy.csv")
-    methods = ["LP init", "model_1", "model_2", *RECIPES]
+    methods = ["LP init", "model_1", "model_2", *NAMES]
     assert sorted(acc["method"].unique()) == sorted(methods)
     sizes = {"heldout": 6, **SIZES}  # 2 held out per class of 3 train classes
     for method in methods:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import tomllib
 from pathlib import Path
@@ -52,3 +53,49 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make reproduce" in readme
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The mmsoup modules a file imports anywhere (top level, functions, TYPE_CHECKING blocks)."""
+    tree = ast.parse(path.read_text())
+    main_blocks = [  # a script's own block: there the module is __main__, so it closes no cycle
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+    ]
+    skipped = {id(n) for block in main_blocks for n in ast.walk(block)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found & modules
+
+
+def test_no_import_cycles():
+    """Every import counts, TYPE_CHECKING and function-local ones included."""
+    package = ROOT / "mmsoup"
+    files = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in package.rglob("*.py")
+    }
+    graph = {m: _imports(p, set(files)) - {m, "mmsoup"} for m, p in files.items()}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in sorted(graph[node]):
+                if nxt == start:
+                    return [*path, start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m))]
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)

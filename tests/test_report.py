@@ -1,4 +1,4 @@
-"""Tests of the reporting layer: MMS Table 1, the paired bootstrap, MMS Fig. 2 and the papers' numbers."""
+"""Tests of the reporting modules: results, MMS Table 1, the paired bootstrap, MMS Fig. 2, the papers' numbers."""
 
 from __future__ import annotations
 
@@ -10,21 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmsoup import report
 from mmsoup.errors import MMSoupError
-from mmsoup.report import (
-    AVG_OOD,
+from mmsoup.papers import (
     PAPER_ID_SET,
     PAPER_LABEL_SWAP_NOTE,
     PAPER_SHIFTS,
     PAPER_TABLE1,
-    bootstrap_deltas,
-    figure2,
-    load_results,
     read_soups_individual_results,
-    table1,
-    write_table1,
 )
+from mmsoup.plots import figure2
+from mmsoup.results import load_results
+from mmsoup.table1 import AVG_OOD, _boot_delta, bootstrap_deltas, table1, write_table1
 
 ID = "test"
 SHIFTS = ("recollection", "renditions", "sketch")
@@ -197,14 +193,14 @@ def test_bootstrap_interval_shrinks_as_n_grows_and_matches_index_resampling():
     widths = []
     for n in (400, 6400):
         a, b = _pair(n, 3)
-        _, reps = report._boot_delta(a, b, 4000, rng)
+        _, reps = _boot_delta(a, b, 4000, rng)
         lo, hi = np.percentile(reps, [2.5, 97.5])
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2.5  # ~1/sqrt(n): 16x the images, ~4x narrower
 
     # The multinomial shortcut has the distribution of resampling image indices (same for both).
     a, b = _pair(500, 4)
-    _, fast = report._boot_delta(a, b, 4000, rng)
+    _, fast = _boot_delta(a, b, 4000, rng)
     idx = rng.integers(0, a.size, size=(4000, a.size))
     slow = 100.0 * (a[idx].mean(axis=1) - b[idx].mean(axis=1))
     assert abs(fast.mean() - slow.mean()) < 0.15

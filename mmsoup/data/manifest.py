@@ -9,7 +9,6 @@ a folder with a URL is fetched as a tar archive and unpacked into place.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import fnmatch
 import http.client
@@ -336,21 +335,3 @@ def format_report(table: pd.DataFrame) -> str:
     counts = table["status"].value_counts()
     lines.append(", ".join(f"{counts.get(s, 0)} {s}" for s in (PRESENT, MISSING, WRONG)))
     return "\n".join(lines)
-
-
-def cmd_data_verify(args: argparse.Namespace) -> int:
-    """`mmsoup data verify --profile P [--data-root DIR]`: print the table; 1 if anything is not present."""
-    table = verify(getattr(args, "profile", "paper"), getattr(args, "data_root", None))
-    print(format_report(table))
-    return 0 if (table["status"] == PRESENT).all() else 1
-
-
-def cmd_data_fetch(args: argparse.Namespace) -> int:
-    """`mmsoup data fetch NAME... [--data-root DIR] [--quiet]`: download what is public."""
-    if not getattr(args, "names", None):
-        raise MMSoupError("Name what to fetch, e.g. `mmsoup data fetch model_0` or `model_*`.")
-    for path in fetch(
-        args.names, getattr(args, "data_root", None), not getattr(args, "quiet", False)
-    ):
-        print(f"present {path}")
-    return 0
