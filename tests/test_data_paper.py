@@ -185,3 +185,25 @@ def test_released_checkpoint_layout_evaluates_through_a_projection(
         direct = model(torch.stack([reference(Image.open(p)) for p in ds.paths]))[:, [6, 11]]
     assert logits.shape == (2, 2) and torch.allclose(logits, direct, atol=1e-4)
     assert evaluator.accuracy() == float((direct.argmax(1) == labels).float().mean())
+
+
+def test_the_soup_stage_loads_only_the_held_out_set(tmp_path: Path, monkeypatch) -> None:
+    """Sets are loaded when first used: building soups needs (and moves to the device) only the
+    held-out split, so a missing shift fails only when the evaluation stage reaches it."""
+    import shutil
+
+    from mmsoup.context import context
+    from mmsoup.data.manifest import artifact_path
+
+    root = make_data_root(tmp_path / "data")
+    shutil.rmtree(artifact_path("objectnet-1.0", root))
+    monkeypatch.setenv("MMSOUP_DATA", str(root))
+    monkeypatch.setenv("MMSOUP_CACHE", str(tmp_path / "cache"))
+    ctx = context("paper:n_runs=2,heldout_per_class=2")
+    assert ctx.heldout.n == 6 and ctx.evaluators.loaded == ["heldout"]
+    assert list(ctx.evaluators) == ["heldout", "ImageNet", *ctx.test_sets[1:]]
+    assert ctx.evaluators["ImageNetV2"].n == 6
+    ctx.evaluators.release("ImageNetV2")
+    assert ctx.evaluators.loaded == ["heldout"]
+    with pytest.raises(MMSoupError, match="objectnet"):
+        ctx.evaluators["ObjectNet"]
