@@ -425,7 +425,7 @@ class _Run:
         resume.save(self.state_file, self.fp, st, psi_changed)
 
     def accept(self, i: int, theta: StateDict, lambdas: list[float], acc: float) -> None:
-        """Ψ ← Ψ'(λ*), exactly the evaluated model (author: λ* in float32, as JrsPhase1.py mixes)."""
+        """Ψ ← Ψ'(λ*), the evaluated model (author: at λ* cast to float32, as JrsPhase1.py)."""
         st = self.state
         st.psi = interpolate(st.psi, theta, self.plan, lambdas)
         st.weights = mixed_weights(st.weights, i, dict(zip(self.plan, lambdas)))
