@@ -23,8 +23,13 @@ from typing import Any
 import nevergrad as ng
 import numpy as np
 import torch
-from nevergrad.common.errors import FinishedUnderlyingOptimizerWarning, NevergradWarning
-from nevergrad.optimization.recaster import _MessagingThread
+from nevergrad.common.errors import (
+    FinishedUnderlyingOptimizerWarning,
+    NevergradEarlyStopping,
+    NevergradWarning,
+)
+from nevergrad.optimization.optimizerlib import NGOptBase
+from nevergrad.optimization.recaster import RecastOptimizer, _MessagingThread
 from torch import Tensor
 
 from mmsoup import resume
@@ -158,12 +163,14 @@ def _stop_optimizer_threads(before: set[threading.Thread]) -> None:
 
 
 @contextlib.contextmanager
-def _optimizer_env(seed: int) -> Iterator[None]:
+def _optimizer_env(seed: int, finished_raises: bool = True) -> Iterator[None]:
     """Seed what nevergrad's sub-optimizers draw from outside the parametrization; mute chatter.
 
     nevergrad runs scipy's and cma's optimizers in threads that outlive an ask/tell; they are
     stopped inside the block, so their warnings (e.g. scipy's COBYLA on nevergrad's settings) stay
     under its filters and no thread draws from numpy's global RNG after its state is restored.
+    With `finished_raises`, an optimizer that finished early raises at its next ask; without, it
+    goes on with random points, as in `Optimizer.minimize`.
     """
     before = set(threading.enumerate())
     state = np.random.get_state()
@@ -179,7 +186,8 @@ def _optimizer_env(seed: int) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=NevergradWarning)
             warnings.filterwarnings("ignore", module=r"(cma|scipy|nevergrad)(\.|$)")
-            warnings.simplefilter("error", FinishedUnderlyingOptimizerWarning)
+            if finished_raises:
+                warnings.simplefilter("error", FinishedUnderlyingOptimizerWarning)
             try:
                 yield
             finally:
@@ -245,6 +253,50 @@ def _optimize(opt_cls, search: _Search, init, lo: float, hi: float, budget: int,
     return _concrete_name(opt)
 
 
+def _recommendation(opt):
+    """The candidate `opt.minimize` returns after its budget, without the race in `recommend`.
+
+    `NGOptBase.recommend` delegates to the optimizer it selected. A recast optimizer (Cobyla runs
+    scipy in a thread) recommends the thread's output if the thread has ended, else nevergrad's
+    current best ("minimum" for a deterministic function: of equal losses the later one told wins,
+    `Optimizer._update_archive_and_bests`). The thread ends only with the last tell of the budget,
+    racing with the caller; its output carries no loss, on which JrsPhase1.py doOptimization
+    would have failed (`1.0 - ngParamLambtaOpt.loss`), so every pass of the author's runs took the
+    current best. This returns it without racing.
+    """
+    while isinstance(opt, NGOptBase):
+        opt = opt.optim
+    if isinstance(opt, RecastOptimizer):
+        name = "minimum" if opt.parametrization.function.deterministic else "pessimistic"
+        return opt.current_bests[name].parameter
+    return opt.recommend()
+
+
+def _optimize_as_author(
+    opt_cls, search: _Search, init, lo: float, hi: float, budget: int, seed: int
+) -> tuple[str, float, np.ndarray]:
+    """One pass as JrsPhase1.py Context.doOptimization runs it: (optimizer run, accuracy, λ*).
+
+    The same parametrization (`Instrumentation(lambta=Array(init (1, m), lower, upper))`, seeded),
+    every one of `budget` asks told (a memoised λ is told its accuracy without a new evaluation),
+    λ* the recommendation cast to float32, its accuracy 1 - its loss.
+    """
+    param = ng.p.Instrumentation(lambta=ng.p.Array(init=np.asarray(init)[None], lower=lo, upper=hi))
+    param.random_state.seed(seed)
+    opt = opt_cls(parametrization=param, budget=budget, num_workers=1)
+    with _optimizer_env(seed, finished_raises=False):
+        for _ in range(budget):
+            try:
+                cand = opt.ask()
+            except NevergradEarlyStopping:  # as `Optimizer.minimize`
+                break
+            opt.tell(cand, 1.0 - search(np.asarray(cand.kwargs["lambta"][0], dtype=np.float64)))
+        rec, name = _recommendation(opt), _concrete_name(opt)
+    lam = np.asarray(rec.kwargs["lambta"][0], dtype=np.float64)
+    acc = 1.0 - rec.loss if rec.loss is not None else search(lam)  # a never-told recommendation
+    return name, acc, lam.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class _Variant:
     """How the λ search is run: the paper's description, or the MMS author's released code."""
@@ -253,15 +305,53 @@ class _Variant:
     budget_per_component: int | None  # None: `budget` evaluations per pass
     accept_ties: bool  # accept on >= (author) instead of > (paper)
     refine: bool  # author: up to two more passes in [0.3, 1] after an improving pass
+    # author: what JrsPhase1.py does where the paper says nothing (set by the variant's name):
+    # its ranking, its λ* (the optimizer's recommendation, float32), a later pass replacing an
+    # earlier one, the decision taken on pass 1
+    literal: bool = False
 
     def better(self, a: float, b: float) -> bool:
         return a >= b if self.accept_ties else a > b
 
+    def tries(self, acc_tilde: float, acc_psi: float, tau: float) -> bool:
+        """The τ test: optimise λ for θ_i only if ValAcc(Ψ̃) passes τ·ValAcc(Ψ) (MMS Alg. 1)."""
+        return self.better(acc_tilde, tau * acc_psi)
+
+    def accepts(self, acc: float, acc_psi: float) -> bool:
+        """Ψ ← Ψ'(λ*) if ValAcc(Ψ'(λ*)) improves on ValAcc(Ψ) (MMS Alg. 1)."""
+        return self.better(acc, acc_psi)
+
+    def next_pass(self, done: str, acc: float, first: float, tau: float) -> str | None:
+        """The pass after an improving pass 1 (JrsPhase1.py Context.run): pass 2 always, pass 3 if
+        pass 2 reached (1 + 0.3·(1-τ))·(pass 1's accuracy)."""
+        if not self.refine:
+            return None
+        if done == "pass1":
+            return "pass2"
+        if done == "pass2" and acc >= (1.0 + 0.3 * (1.0 - tau)) * first:
+            return "pass3"
+        return None
+
+    def order(self, accs: Sequence[float]) -> list[int]:
+        """Ingredients best-first; the author's sort (JrsContext.py sortIngredientModelsByAccuracy,
+        as Soups' code) is ascending, then reversed, so ties come in reverse input order."""
+        if not self.literal:
+            return best_first(accs)
+        return sorted(range(len(accs)), key=lambda i: accs[i])[::-1]
+
 
 _VARIANTS = {
     "paper": _Variant(bounds="unit", budget_per_component=None, accept_ties=False, refine=False),
-    "author": _Variant(bounds="author", budget_per_component=30, accept_ties=True, refine=True),
+    "author": _Variant(
+        bounds="author", budget_per_component=None, accept_ties=True, refine=True, literal=True
+    ),
 }
+# Evaluations per pass (and seed) when not given. Paper: "roughly 250". Author: 240, the budget
+# of every pass of the released C8 run (main.log: "fn_evals = 240", max_func_evals_per_dim 30,
+# whose config comment gives 10 as the default); 30 per component for C15/C26 (450/780) would
+# not be "roughly 250" (pass budget_per_component=30 for the released config's rule).
+_DEFAULT_BUDGET = {"paper": 250, "author": 240}
+_DEFAULT_SEED = {"paper": 0, "author": 123456789}  # author: config_manifoldmixms.yaml random_seed
 
 
 def _variant(name: str, **given) -> _Variant:
@@ -275,28 +365,36 @@ def _variant(name: str, **given) -> _Variant:
 
 def _best_lambda(
     search: _Search, v: _Variant, acc_psi: float, run: _Run
-) -> tuple[float, np.ndarray]:
-    """λ* = argmax ValAcc(Ψ'(λ)) by the optimizer: one pass (paper), or up to three (author)."""
+) -> tuple[float, np.ndarray, bool]:
+    """λ* = argmax ValAcc(Ψ'(λ)) by the optimizer: one pass (paper), or up to three (author);
+    returns λ*, its accuracy and whether Ψ'(λ*) is accepted.
+
+    Paper: λ* is the best λ evaluated in all passes (the first of equal maxima). Author
+    (JrsPhase1.py Context.run): the decision is taken on pass 1, and each later pass's λ*
+    replaces the one before, better or not.
+    """
     lam0, tau = search.lam0, run.params["tau"]
     half = 0.5 * (1.0 - lam0)
     lo, hi = (0.0, 1.0) if v.bounds == "unit" else (lam0 - half, lam0 + half)
-    passes = [("pass1", np.full(search.m, lam0), lo, hi)]
-    while passes:
-        search.stage, init, lo, hi = passes.pop(0)
+    stage, init, first = "pass1", np.full(search.m, lam0), None
+    while stage is not None:
+        search.stage = stage
         budget, seed = run.params["budget"], run.params["seed"]
-        name = _optimize(run.opt_cls, search, init, lo, hi, budget, seed)
+        if v.literal:
+            name, acc, lam = _optimize_as_author(run.opt_cls, search, init, lo, hi, budget, seed)
+        else:
+            name = _optimize(run.opt_cls, search, init, lo, hi, budget, seed)
+            acc, lam = search.best()
         run.state.optimizers.append(
-            {"candidate": search.candidate, "pass": search.stage, "optimizer": name}
+            {"candidate": search.candidate, "pass": stage, "optimizer": name}
         )
-        best_acc, best_lam = search.best()
-        if not (v.refine and v.better(best_acc, acc_psi)):
-            break
-        if search.stage == "pass1":  # author: refine in [0.3, 1] from λ*
-            before = best_acc
-            passes.append(("pass2", np.clip(best_lam, 0.3, 1.0), 0.3, 1.0))
-        elif search.stage == "pass2" and best_acc >= (1.0 + 0.3 * (1.0 - tau)) * before:
-            passes.append(("pass3", np.clip(best_lam, 0.3, 1.0), 0.3, 1.0))
-    return best_acc, best_lam
+        if first is None:
+            first = acc
+            if not v.accepts(acc, acc_psi):
+                break
+        stage = v.next_pass(stage, acc, first, tau)
+        init, lo, hi = np.clip(lam, 0.3, 1.0), 0.3, 1.0  # later passes: [0.3, 1] from λ*
+    return acc, lam, v.accepts(first if v.literal else acc, acc_psi)
 
 
 @dataclass
@@ -327,14 +425,24 @@ class _Run:
         resume.save(self.state_file, self.fp, st, psi_changed)
 
     def accept(self, i: int, theta: StateDict, lambdas: list[float], acc: float) -> None:
-        """Ψ ← Ψ'(λ*), exactly the evaluated model; w_j ← λ_j·w_j + (1-λ_j)·e_i per component."""
+        """Ψ ← Ψ'(λ*), the evaluated model (author: at λ* cast to float32, as JrsPhase1.py)."""
         st = self.state
         st.psi = interpolate(st.psi, theta, self.plan, lambdas)
-        onehot = np.eye(len(self.ingredients))[i]
-        for c, lam in zip(self.plan, lambdas):
-            st.weights[c] = (lam * np.asarray(st.weights[c]) + (1.0 - lam) * onehot).tolist()
+        st.weights = mixed_weights(st.weights, i, dict(zip(self.plan, lambdas)))
         st.acc_psi = acc
         st.mixed.append(i)
+
+
+def mixed_weights(
+    weights: Mapping[str, Sequence[float]], i: int, lambdas: Mapping[str, float]
+) -> dict[str, list[float]]:
+    """Per-component coefficients after mixing θ_i in: w_j ← λ_j·w_j + (1-λ_j)·e_i (MMS Alg. 1
+    unrolled; the author's β of JrsPhase1.py convertLambdaToBeta, one column per ingredient)."""
+    out = dict(weights)
+    for c, lam in lambdas.items():
+        onehot = np.eye(len(weights[c]))[i]
+        out[c] = (lam * np.asarray(weights[c]) + (1.0 - lam) * onehot).tolist()
+    return out
 
 
 def _plan(ingredients, components) -> dict[str, list[str]]:
@@ -348,7 +456,7 @@ def _plan(ingredients, components) -> dict[str, list[str]]:
 
 
 def _start(
-    ingredients, val_acc, plan, opt_cls, params, ingredient_val_accs, state_file, t0
+    ingredients, val_acc, plan, opt_cls, params, ingredient_val_accs, state_file, t0, v: _Variant
 ) -> _Run:
     """Ψ ← the best ingredient, or the saved state of an interrupted run with the same inputs."""
     comps = {c: keys for c, keys in plan.items() if c != REST}
@@ -366,20 +474,25 @@ def _start(
     run |= dict(state_file=None if state_file is None else Path(state_file), fp=fp)
     if saved is not None:  # resume after the last decided candidate (the ranking is kept)
         scorer.trace = saved.trace
-        saved.psi = {k: v.to(device, copy=True) for k, v in saved.psi.items()}
+        saved.psi = {k: x.to(device, copy=True) for k, x in saved.psi.items()}
         saved.resumed_at = [*saved.resumed_at, saved.done]
         return _Run(
             **run,
             state=saved,
-            order=best_first(saved.ingredient_val_accs),
+            order=v.order(saved.ingredient_val_accs),
             elapsed0=saved.elapsed_s,
         )
     accs, order = ranked(ingredients, scorer, ingredient_val_accs)
+    order = v.order(accs)
     first = open_ingredient(ingredients[order[0]])
+    psi = {k: x.to(device, copy=True) for k, x in first.items()}  # Ψ ← θ_0 (owned)
+    acc_psi = accs[order[0]]
+    if v.literal and ingredient_val_accs is not None:  # JrsPhase1.py run: ValAcc(A) evaluated
+        acc_psi = scorer.state(psi, order[0], "anchor")
     state = resume.MMSState(
         done=0,
-        psi={k: v.to(device, copy=True) for k, v in first.items()},  # Ψ ← θ_0 (owned)
-        acc_psi=accs[order[0]],
+        psi=psi,
+        acc_psi=acc_psi,
         mixed=[order[0]],
         weights={c: np.eye(len(ingredients))[order[0]].tolist() for c in plan},  # one-hot
         ingredient_val_accs=accs,
@@ -398,9 +511,9 @@ def manifold_mixing_soup(
     val_acc: ValAcc | Evaluator,
     components: Mapping[str, Sequence[str]],
     tau: float = 0.998,
-    budget: int = 250,
+    budget: int | None = None,
     optimizer: str = "NGOpt",
-    seed: int = 0,
+    seed: int | None = None,
     *,
     variant: str = "paper",
     bounds: str | None = None,
@@ -420,6 +533,15 @@ def manifold_mixing_soup(
     inputs resumes at the next candidate and returns the same soup, bit for bit, as an
     uninterrupted run. The files are kept after the run (`mmsoup.resume.remove` deletes them).
     A single ingredient is allowed: it is returned as the soup after one evaluation.
+
+    `variant="paper"` (default) follows MMS §3 and Alg. 1: λ ∈ [0, 1]^m, 250 evaluations, strict
+    improvement, λ* the best point evaluated. `variant="author"` follows the author's released
+    code (JrsPhase1.py, with the released run's configuration): λ within λ0 ± (1-λ0)/2, accept on
+    >=, up to two more passes in [0.3, 1], λ* nevergrad's recommendation after the whole budget
+    (in float32), a later pass replacing an earlier one, ties ranked as the author sorts, 240
+    evaluations per pass and seed 123456789 unless given. It returns the model the author's code
+    returns, while a λ evaluated before is told to the optimizer without a new evaluation.
+    `bounds`, `budget_per_component`, `accept_ties` and `refine` override one choice of a variant.
     """
     t0 = time.perf_counter()
     v = _variant(
@@ -432,14 +554,18 @@ def manifold_mixing_soup(
     opt_cls = optimizer_class(optimizer)
     plan = _plan(ingredients, components)
     m = len(plan) - (REST in plan)
+    budget = _DEFAULT_BUDGET[variant] if budget is None else budget
     budget = int(v.budget_per_component * m if v.budget_per_component is not None else budget)
+    seed = _DEFAULT_SEED[variant] if seed is None else seed
     if budget < 1:
         raise MMSoupError(f"budget must be at least 1 evaluation, got {budget}.")
     if not 0.0 <= tau <= 1.0:
         raise MMSoupError(f"tau must lie in [0, 1] (the paper uses 0.998), got {tau}.")
     params = {"tau": tau, "budget": budget, "optimizer": optimizer, "seed": seed}
-    params |= {"variant": variant, **asdict(v)}
-    run = _start(ingredients, val_acc, plan, opt_cls, params, ingredient_val_accs, state_file, t0)
+    params |= {"variant": variant} | {k: x for k, x in asdict(v).items() if k != "literal"}
+    run = _start(
+        ingredients, val_acc, plan, opt_cls, params, ingredient_val_accs, state_file, t0, v
+    )
     st = run.state
 
     # MMS Alg. 1: Ψ is the best ingredient; every other candidate θ_i, best-first, is
@@ -458,10 +584,9 @@ def manifold_mixing_soup(
         search = _Search(run.scorer, st.psi, theta, run.plan, lam0, i, run.m)
         acc_tilde = search(np.full(run.m, lam0))  # Ψ̃ = k/(k+1)·Ψ + 1/(k+1)·θ_i
         decision = {"candidate": i, "decision": "skipped", "approx_acc": acc_tilde}
-        if v.better(acc_tilde, tau * st.acc_psi):  # else Ψ̃ is far worse than Ψ: skip θ_i
-            best_acc, best_lam = _best_lambda(search, v, st.acc_psi, run)
+        if v.tries(acc_tilde, st.acc_psi, tau):  # else Ψ̃ is far worse than Ψ: skip θ_i
+            best_acc, best_lam, accepted = _best_lambda(search, v, st.acc_psi, run)
             lambdas = search.full(best_lam)
-            accepted = v.better(best_acc, st.acc_psi)
             decision |= {"decision": "accepted" if accepted else "rejected"}
             decision |= {"best_acc": best_acc, "lambdas": lambdas}
             if accepted:
