@@ -187,12 +187,20 @@ def iter_ingredients(ingredients: Sequence[Ingredient]) -> Iterator[tuple[int, S
         yield i, open_ingredient(ingredient)
 
 
+def buffer_keys(spec: Mapping[str, tuple[torch.Size, torch.dtype]]) -> list[str]:
+    """The keys of a pool's spec that are never averaged: non-floating tensors (integer buffers)."""
+    return [k for k, (_, dtype) in spec.items() if not dtype.is_floating_point]
+
+
 def validate_pool(
     ingredients: Sequence[Ingredient], check_finite: bool = True
 ) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """Check that all ingredients share keys, shapes and floating dtypes and hold finite values.
+    """Check that all ingredients share keys, shapes and dtypes and hold finite floating values.
 
-    Returns the reference spec {key: (shape, dtype)}; raises MMSoupError naming the file and key.
+    Non-floating tensors (integer buffers such as BatchNorm's `num_batches_tracked`, `position_ids`)
+    are allowed: the recipes never average them, they take them from the best ingredient
+    (`buffer_keys`). Returns the reference spec {key: (shape, dtype)}; raises MMSoupError naming
+    the file and key.
     """
     if len(ingredients) == 0:
         raise MMSoupError("The ingredient list is empty; pass at least one checkpoint.")
@@ -219,15 +227,12 @@ def validate_pool(
                 raise MMSoupError(
                     f"{name}: {key!r} has shape {tuple(tensor.shape)} but {first} has {tuple(shape)}; the checkpoints are of different architectures."
                 )
-            if not tensor.is_floating_point():
-                raise MMSoupError(
-                    f"{name}: {key!r} has non-floating dtype {tensor.dtype}; soups average floating-point weights only (drop integer buffers)."
-                )
             if tensor.dtype != dtype:
+                kind = "dtype" if tensor.is_floating_point() else "non-floating dtype"
                 raise MMSoupError(
-                    f"{name}: {key!r} has dtype {tensor.dtype} but {first} has {dtype}; convert all checkpoints to one dtype."
+                    f"{name}: {key!r} has {kind} {tensor.dtype} but {first} has {dtype}; convert all checkpoints to one dtype."
                 )
-            if check_finite and not torch.isfinite(tensor).all():
+            if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise MMSoupError(
                     f"{name}: {key!r} holds NaN or Inf values; that fine-tuning run diverged, leave it out of the pool."
                 )
