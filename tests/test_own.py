@@ -1,0 +1,319 @@
+"""Soup your own checkpoints: real small models (random init), their own checkpoint formats, one config."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+from torch import nn
+
+from mmsoup import cli
+from mmsoup.checkpoints import load_state_dict, save_state_dict
+from mmsoup.own import bn_statistics, inspect_pool, load_config, soup_from_config
+from mmsoup.partition import describe, partition
+from mmsoup.soups import greedy_soup, manifold_mixing_soup, uniform_soup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _resnet_pool(folder: Path, n: int = 3) -> list[dict[str, torch.Tensor]]:
+    """n 'fine-tuned' ResNet-18 state dicts: one init, each nudged, BN statistics and counters differing."""
+    torch.manual_seed(0)
+    init = torchvision.models.resnet18(num_classes=10).state_dict()
+    pool = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i + 1)
+        state = {}
+        for k, v in init.items():
+            if v.is_floating_point():
+                noise = 0.05 * torch.randn(v.shape, generator=g)
+                state[k] = (v + noise).abs() if k.endswith("running_var") else v + noise
+            else:
+                state[k] = v + 100 * (i + 1)  # num_batches_tracked: one count per ingredient
+        save_state_dict(state, folder / f"ft{i}.safetensors")
+        pool.append(state)
+    g = torch.Generator().manual_seed(9)
+    data = {"images": torch.randn(8, 3, 32, 32, generator=g), "labels": torch.arange(8) % 10}
+    torch.save(data, folder / "held_out.pt")
+    return pool
+
+
+def _config(folder: Path, **keys) -> Path:
+    config = {
+        "model": "torchvision:resnet18",
+        "model_kwargs": {"num_classes": 10},
+        "ingredients": ["ft*.safetensors"],
+        "held_out": "held_out.pt",
+        "partition": "blocks:3",
+        "mms": {"budget": 4, "optimizer": "Cobyla"},
+        "batch_size": 8,
+        "device": "cpu",
+        "out": "soup",
+    } | keys
+    path = folder / "soup.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_integer_buffers_come_from_the_best_ingredient_and_float_buffers_are_mixed(tmp_path):
+    pool = _resnet_pool(tmp_path)
+    paths = [tmp_path / f"ft{i}.safetensors" for i in range(3)]
+    accs = [0.1, 0.3, 0.2]  # ingredient 1 is the best
+    uniform = uniform_soup(paths, buffers_from=1)
+    mean_rm = sum(s["bn1.running_mean"] for s in pool) / 3
+    assert torch.allclose(uniform["bn1.running_mean"], mean_rm, atol=1e-6)
+    assert uniform["bn1.num_batches_tracked"].item() == 200
+    assert uniform["bn1.num_batches_tracked"].dtype == torch.int64
+    greedy = greedy_soup(paths, lambda s: 0.5, ingredient_val_accs=accs, progress=False)
+    assert greedy.ingredients == [1, 2]  # 0.5 beats 0.3 once, then ties: 2 mixed, 0 not
+    assert greedy.state_dict["layer1.0.bn1.num_batches_tracked"] == 200  # the best's, not averaged
+    comps = partition(pool[0], "blocks:3")
+    mms = manifold_mixing_soup(
+        paths, lambda s: 0.5, comps, budget=2, ingredient_val_accs=accs, progress=False
+    )
+    assert mms.state_dict["bn1.num_batches_tracked"] == 200
+    assert list(mms.state_dict) == list(pool[0])  # the model's key order, buffers included
+
+
+def test_blocks_partition_cuts_any_model_into_stem_blocks_head_in_forward_order():
+    import timm
+
+    resnet = torchvision.models.resnet18(num_classes=10)
+    comps = partition(resnet, "blocks:10")
+    assert list(comps) == ["stem"] + [f"layer{s}.{b}" for s in range(1, 5) for b in (0, 1)] + [
+        "head"
+    ]
+    assert comps["stem"] == [
+        "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"
+    ]  # fmt: skip
+    four = partition(resnet, "blocks:4")
+    keys = [k for ks in four.values() for k in ks]
+    assert keys == [
+        k for k, v in resnet.state_dict().items() if v.is_floating_point()
+    ]  # contiguous
+    assert list(four)[0] == "stem..layer1.1" and list(four)[-1] == "layer4.1..head"
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=5
+    )
+    live = partition(vit, "blocks:5+live", example_input=torch.randn(1, 3, 32, 32))
+    assert list(live) == ["stem", "blocks.0", "blocks.1", "blocks.2", "head"]
+    table = describe(live, vit)
+    assert table["n_params"].sum() == sum(p.numel() for p in vit.parameters())
+
+
+def test_resnet_pool_through_the_cli_writes_soups_sidecars_and_the_model_card(tmp_path, capsys):
+    pool = _resnet_pool(tmp_path)
+    config = _config(tmp_path, recipes=["uniform", "greedy", "mms"])
+    assert cli.main(["soup", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "soup"
+    for recipe in ("uniform", "greedy", "mms"):
+        assert recipe in printed
+        soup = load_state_dict(out / f"{recipe}.safetensors")
+        assert list(soup) == list(pool[0])
+        side = json.loads((out / f"{recipe}.json").read_text())
+        accs = side["ingredient_val_accs"]
+        best = accs.index(max(accs))
+        assert soup["bn1.num_batches_tracked"].item() == 100 * (best + 1)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| 0 | ft0.safetensors |" in card and "ft2.safetensors" in card
+    assert "## Manifold mixing soup (MMS Alg. 1)" in card and "Per-component λ*" in card
+    assert re.search(r"Candidates: \d+ accepted, \d+ skipped, \d+ rejected; 3 components", card)
+    assert "held-out evaluations: 3 for the ingredients' own accuracies" in card
+    assert config.read_text().strip() in card  # the config verbatim
+    assert "| python | torch |" in card and torch.__version__ in card
+    assert not list(out.glob(".*"))  # no temporary file left
+
+
+def test_bn_recalibration_recomputes_statistics_and_records_its_cost(tmp_path):
+    _resnet_pool(tmp_path, n=2)
+    res = soup_from_config(
+        _config(tmp_path, recipes=["uniform"], bn_recalibration="final"), progress=False
+    )
+    soup, info = res["uniform"].state_dict, res["uniform"].info["bn_recalibration"]
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(soup)
+    data = torch.load(tmp_path / "held_out.pt")
+    model.train()
+    with torch.no_grad():  # batch statistics of the held-out set: what update_bn recomputed
+        expected = model.conv1(data["images"]).mean(dim=(0, 2, 3))
+    assert torch.allclose(soup["bn1.running_mean"], expected, atol=1e-5)
+    assert set(info) >= {"acc_mixed_statistics", "acc_recalibrated", "seconds_final"}
+    assert info["seconds_final"] > 0
+    best = max(range(2), key=lambda i: (res["ingredient_val_accs"][i], -i))
+    assert soup["bn1.num_batches_tracked"].item() == 100 * (best + 1)  # the best's, not recounted
+    assert len(bn_statistics(model)) == 2 * 20  # ResNet-18: 20 BatchNorm layers
+
+
+def test_bn_recalibration_for_each_evaluation_scores_the_recalibrated_model(tmp_path):
+    _resnet_pool(tmp_path, n=2)
+    config = _config(tmp_path, recipes=["greedy"], bn_recalibration="each", out="each")
+    res = soup_from_config(config, progress=False)["greedy"]
+    info = res.info["bn_recalibration"]
+    assert info["seconds_during_search"] > 0
+    assert info["acc_recalibrated"] == res.val_acc  # the soup kept is the model evaluated
+
+
+def test_sharded_checkpoints_in_and_sharded_soups_out(tmp_path):
+    from huggingface_hub import save_torch_state_dict
+
+    pool = _resnet_pool(tmp_path, n=2)
+    for i, state in enumerate(pool):  # each ingredient as a sharded folder (safetensors' index)
+        (tmp_path / f"sharded{i}").mkdir()
+        save_torch_state_dict(state, tmp_path / f"sharded{i}", max_shard_size="10MB")
+        assert (tmp_path / f"sharded{i}" / "model.safetensors.index.json").is_file()
+        loaded = load_state_dict(tmp_path / f"sharded{i}")
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    config = _config(tmp_path, ingredients=["sharded*"], recipes=["uniform"])
+    assert cli.main(["soup", "--config", str(config), "--shard-size", "20MB"]) == 0
+    folder = tmp_path / "soup" / "uniform"
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (folder / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "soup" / "uniform.json").is_file()
+    soup = load_state_dict(folder)
+    assert list(soup) == list(pool[0])  # the model's key order survives the shards
+    mean = (pool[0]["fc.weight"] + pool[1]["fc.weight"]) / 2
+    assert torch.allclose(soup["fc.weight"], mean, atol=1e-6)
+
+
+def test_a_timm_vit_pool_through_uniform_greedy_and_mms(tmp_path):
+    import timm
+
+    kwargs = {"num_classes": 4, "img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48}
+    torch.manual_seed(0)
+    init = timm.create_model("vit_tiny_patch16_224", **kwargs).state_dict()
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)
+        state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in init.items()}
+        save_state_dict(state, tmp_path / f"ft{i}.safetensors")
+    g = torch.Generator().manual_seed(5)
+    torch.save(
+        {"images": torch.randn(6, 3, 32, 32, generator=g), "labels": torch.arange(6) % 4},
+        tmp_path / "held_out.pt",
+    )
+    config = _config(
+        tmp_path, model="timm:vit_tiny_patch16_224", model_kwargs=kwargs, partition="blocks:4+live"
+    )
+    res = soup_from_config(config, progress=False)
+    assert res["partition"].keys() == {"stem", "blocks.0", "blocks.1", "head"}
+    assert res["mms"].info["n_components"] == 4
+    assert 2 <= res["mms"].n_evals <= 2 * (1 + 4)  # per candidate: λ0, then a budget of 4
+    assert (tmp_path / "soup" / "MODEL_CARD.md").is_file()
+
+
+def test_a_tiny_bert_sequence_classifier_with_a_val_acc_callable(tmp_path):
+    tf = pytest.importorskip("transformers")
+    cfg = tf.BertConfig(
+        vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=2,
+        architectures=["BertForSequenceClassification"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    init = tf.BertForSequenceClassification(cfg)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 30, (32, 8), generator=g)
+    ids[:16, 3] = 1  # the task: does token 1 occur?
+    labels = (ids == 1).any(dim=1).long()
+    for i in range(3):  # three short fine-tuning runs from one init
+        model = tf.BertForSequenceClassification(cfg)
+        model.load_state_dict(init.state_dict())
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(i)
+        for _ in range(15):
+            idx = torch.randint(0, 32, (16,), generator=gen)
+            loss = model(input_ids=ids[idx], labels=labels[idx]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.save_pretrained(tmp_path / f"run{i}")  # a Hugging Face folder: config + safetensors
+    scorer = tf.BertForSequenceClassification(cfg).eval()
+
+    def val_acc(state):
+        scorer.load_state_dict(state)
+        with torch.no_grad():
+            return (scorer(input_ids=ids).logits.argmax(-1) == labels).float().mean().item()
+
+    config = {
+        "model": str(tmp_path / "run0"),
+        "ingredients": [str(tmp_path / f"run{i}") for i in range(3)],
+        "partition": "blocks:4",
+        "mms": {"budget": 4},
+        "out": str(tmp_path / "soup"),
+    }
+    res = soup_from_config(config, val_acc=val_acc, progress=False)
+    assert list(res["mms"].info["decisions"][0])[:2] == ["candidate", "decision"]
+    assert list(res["partition"]) == [
+        "stem", "bert.encoder.layer.0", "bert.encoder.layer.1", "head"
+    ]  # fmt: skip
+    best = max(res["ingredient_val_accs"])
+    assert res["greedy"].val_acc >= best and res["mms"].val_acc >= best
+    assert val_acc(load_state_dict(tmp_path / "soup" / "mms.safetensors")) == res["mms"].val_acc
+
+
+def test_inspect_flags_a_candidate_from_another_basin(tmp_path, capsys):
+    from sklearn.datasets import load_digits
+
+    from tests.toy_mlp import mlp, train
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16, dtype=torch.float32), torch.tensor(y)
+    model = mlp()
+    save_state_dict(model.state_dict(), tmp_path / "init.safetensors")
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(2):  # same basin: two runs from one init
+        model.load_state_dict(init)
+        save_state_dict(
+            train(model, x[:1000], y[:1000], i, 0.1, 800), tmp_path / f"ft{i}.safetensors"
+        )
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    state = load_state_dict(
+        tmp_path / "ft0.safetensors"
+    )  # the same function, hidden units permuted
+    permuted = {"0.weight": state["0.weight"][perm], "0.bias": state["0.bias"][perm]}
+    permuted |= {"2.weight": state["2.weight"][:, perm], "2.bias": state["2.bias"]}
+    save_state_dict(permuted, tmp_path / "ft2.safetensors")
+    torch.save({"inputs": x[1000:], "labels": y[1000:]}, tmp_path / "held_out.pt")
+    config = _config(tmp_path, model="tests.toy_mlp:mlp", model_kwargs={}, init="init.safetensors")
+    table = inspect_pool(config, progress=False).set_index("candidate")
+    assert table.loc["ft2.safetensors", "collapse"] and not table.loc["ft1.safetensors", "collapse"]
+    assert table.loc["ft2.safetensors", "angle_deg"] > 2 * table.loc["ft1.safetensors", "angle_deg"]
+    assert cli.main(["inspect", "--config", str(config)]) == 0
+    assert "midpoint collapses" in capsys.readouterr().out
+
+
+def test_the_readme_config_example_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Soup your own checkpoints", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "checkpoints").mkdir()
+    _resnet_pool(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "held_out.pt").rename(tmp_path / "held_out.pt")
+    (tmp_path / "soup.yaml").write_text(example)
+    config = load_config(tmp_path / "soup.yaml")
+    assert config.model == "torchvision:resnet18" and len(config.ingredients) == 3
+    monkeypatch.chdir(tmp_path)
+    argv = ["soup", "--config", "soup.yaml", "--out", "out", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"MODEL_CARD.md", "mms.safetensors"}
+
+
+def test_hugging_face_folders_are_found_in_the_local_cache_only(tmp_path, monkeypatch):
+    from mmsoup.errors import MMSoupError
+    from mmsoup.factories import create_model
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MMSoupError, match="not in the local Hugging Face cache"):
+        create_model("hf:someone/some-model")
+
+
+def test_own_models_are_plain_modules(tmp_path):
+    from mmsoup.factories import create_model
+
+    made = create_model("tests.toy_mlp:mlp")
+    assert isinstance(made.module, nn.Sequential) and made.source == "python"
