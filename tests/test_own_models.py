@@ -1,4 +1,5 @@
-"""Soup your own checkpoints: a timm ViT, a tiny BERT with a val_acc callable, inspect, the README."""
+"""Soup your own checkpoints: sharded files, a timm ViT, a tiny BERT with a val_acc callable,
+inspect, the README's example."""
 
 from __future__ import annotations
 
@@ -154,3 +155,25 @@ def test_own_models_are_plain_modules(tmp_path):
 
     made = create_model("tests.toy_mlp:mlp")
     assert isinstance(made.module, nn.Sequential) and made.source == "python"
+
+
+def test_sharded_checkpoints_in_and_sharded_soups_out(tmp_path):
+    from huggingface_hub import save_torch_state_dict
+
+    pool = _resnet_pool(tmp_path, n=2)
+    for i, state in enumerate(pool):  # each ingredient as a sharded folder (safetensors' index)
+        (tmp_path / f"sharded{i}").mkdir()
+        save_torch_state_dict(state, tmp_path / f"sharded{i}", max_shard_size="10MB")
+        assert (tmp_path / f"sharded{i}" / "model.safetensors.index.json").is_file()
+        loaded = load_state_dict(tmp_path / f"sharded{i}")
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    config = _config(tmp_path, ingredients=["sharded*"], recipes=["uniform"])
+    assert cli.main(["soup", "--config", str(config), "--shard-size", "20MB"]) == 0
+    folder = tmp_path / "soup" / "uniform"
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (folder / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "soup" / "uniform.json").is_file()
+    soup = load_state_dict(folder)
+    assert list(soup) == list(pool[0])  # the model's key order survives the shards
+    mean = (pool[0]["fc.weight"] + pool[1]["fc.weight"]) / 2
+    assert torch.allclose(soup["fc.weight"], mean, atol=1e-6)
