@@ -57,9 +57,56 @@ def _imports_code(path: Path) -> bool:
     return bool({"GLOBAL", "STACK_GLOBAL", "INST"} & set(ops))
 
 
+# a Hugging Face model folder's weights, in the order transformers looks for them
+HF_WEIGHTS = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+def _weights_file(folder: Path) -> Path:
+    """The weights file (or shard index) of a Hugging Face model folder."""
+    for name in HF_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    raise MMSoupError(
+        f"Checkpoint folder {folder} holds none of {', '.join(HF_WEIGHTS)}; pass a weights file or a model folder."
+    )
+
+
+def _load_sharded(index: Path, mmap: bool) -> dict[str, torch.Tensor]:
+    """Merge the shards listed by a `*.index.json` (`weight_map`: key -> shard file)."""
+    from mmsoup.io import read_json
+
+    meta = read_json(index, "shard index")
+    weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise MMSoupError(
+            f"Shard index {index} has no 'weight_map'; re-create it (safetensors' sharding format)."
+        )
+    state: dict[str, torch.Tensor] = {}
+    for shard in dict.fromkeys(weight_map.values()):  # each shard once, in order
+        part = load_state_dict(index.parent / shard, mmap)
+        state.update({k: v for k, v in part.items() if weight_map.get(k) == shard})
+    missing = [k for k in weight_map if k not in state]
+    if missing:
+        raise MMSoupError(
+            f"Shard index {index} lists {missing[0]!r} ({len(missing)} keys) but its shard lacks it; re-create the shards."
+        )
+    order = json.loads((meta.get("metadata") or {}).get(KEY_ORDER, "[]"))
+    return {k: state[k] for k in order} if sorted(order) == sorted(state) else state
+
+
 def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, torch.Tensor]:
-    """Load the state dict of a `.safetensors` or `.pt`/`.pth` file (weights only, memory-mapped)."""
+    """Load the state dict of a `.safetensors` or `.pt`/`.pth`/`.bin` file, a sharded checkpoint
+    (`*.index.json`) or a Hugging Face model folder (weights only, memory-mapped)."""
     path = Path(path)
+    if path.is_dir():
+        path = _weights_file(path)
+    if path.name.endswith(".index.json") and path.is_file():
+        return _load_sharded(path, mmap)
     if not path.is_file():
         raise MMSoupError(f"Checkpoint {path} does not exist; check the path.")
     suffix = path.suffix.lower()
@@ -187,12 +234,20 @@ def iter_ingredients(ingredients: Sequence[Ingredient]) -> Iterator[tuple[int, S
         yield i, open_ingredient(ingredient)
 
 
+def buffer_keys(spec: Mapping[str, tuple[torch.Size, torch.dtype]]) -> list[str]:
+    """The keys of a pool's spec that are never averaged: non-floating tensors (integer buffers)."""
+    return [k for k, (_, dtype) in spec.items() if not dtype.is_floating_point]
+
+
 def validate_pool(
     ingredients: Sequence[Ingredient], check_finite: bool = True
 ) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """Check that all ingredients share keys, shapes and floating dtypes and hold finite values.
+    """Check that all ingredients share keys, shapes and dtypes and hold finite floating values.
 
-    Returns the reference spec {key: (shape, dtype)}; raises MMSoupError naming the file and key.
+    Non-floating tensors (integer buffers such as BatchNorm's `num_batches_tracked`, `position_ids`)
+    are allowed: the recipes never average them, they take them from the best ingredient
+    (`buffer_keys`). Returns the reference spec {key: (shape, dtype)}; raises MMSoupError naming
+    the file and key.
     """
     if len(ingredients) == 0:
         raise MMSoupError("The ingredient list is empty; pass at least one checkpoint.")
@@ -219,15 +274,12 @@ def validate_pool(
                 raise MMSoupError(
                     f"{name}: {key!r} has shape {tuple(tensor.shape)} but {first} has {tuple(shape)}; the checkpoints are of different architectures."
                 )
-            if not tensor.is_floating_point():
-                raise MMSoupError(
-                    f"{name}: {key!r} has non-floating dtype {tensor.dtype}; soups average floating-point weights only (drop integer buffers)."
-                )
             if tensor.dtype != dtype:
+                kind = "dtype" if tensor.is_floating_point() else "non-floating dtype"
                 raise MMSoupError(
-                    f"{name}: {key!r} has dtype {tensor.dtype} but {first} has {dtype}; convert all checkpoints to one dtype."
+                    f"{name}: {key!r} has {kind} {tensor.dtype} but {first} has {dtype}; convert all checkpoints to one dtype."
                 )
-            if check_finite and not torch.isfinite(tensor).all():
+            if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise MMSoupError(
                     f"{name}: {key!r} holds NaN or Inf values; that fine-tuning run diverged, leave it out of the pool."
                 )

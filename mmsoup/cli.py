@@ -414,10 +414,19 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     arg(
         "--recipe", action="append", default=None, help="a recipe name, e.g. 'MMS-C8' (repeatable)"
     ),
+    arg("--config", help="soup your own checkpoints: a YAML config (see README)"),
+    arg("--out", type=Path, default=None, help="with --config: output folder (overrides out:)"),
+    arg("--shard-size", default=None, help="with --config: write shards of this size, e.g. 2GB"),
+    arg("--device", default=None, help="with --config: torch device (overrides device:)"),
 )
 def cmd_soup(args: argparse.Namespace) -> None:
-    """Run the soup stage (notebook 02) from the command line."""
+    """Run the soup stage (notebook 02), or with --config soup your own checkpoints (mmsoup.own)."""
     from mmsoup.profiles import get_profile
+
+    if args.config is not None:
+        from mmsoup.own import cmd_soup as soup_own
+
+        return soup_own(args)
 
     get_profile(args.profile)
     from mmsoup.recipes import recipe
@@ -430,6 +439,19 @@ def cmd_soup(args: argparse.Namespace) -> None:
     check_cache(args)  # the digits sets are built there on first use
     recipes = tuple(args.recipe) if args.recipe else None
     print(pipeline.soup_stage(args.profile, run_dir, recipes).to_string(index=False))
+
+
+@command(
+    "inspect",
+    "pre-flight of your own checkpoints: accuracy on the line to the best model, update angles",
+    arg("--config", required=True, help="the YAML soup config (as for soup --config)"),
+    arg("--device", default=None, help="torch device (overrides device:)"),
+)
+def cmd_inspect(args: argparse.Namespace) -> None:
+    """Print the pre-flight table of mmsoup.own.inspect_pool."""
+    from mmsoup.own import cmd_inspect as inspect_own
+
+    inspect_own(args)
 
 
 @command("evaluate", "evaluate every model and soup of a run folder", PROFILE, RUN_DIR)

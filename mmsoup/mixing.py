@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mmsoup.checkpoints import Ingredient, iter_ingredients, validate_pool
+from mmsoup.checkpoints import Ingredient, buffer_keys, iter_ingredients, validate_pool
 from mmsoup.errors import MMSoupError
 from mmsoup.result import ALL, REST, StateDict
 
@@ -51,23 +51,38 @@ def mix_from_weights(
     ingredients: Sequence[Ingredient],
     components: Mapping[str, Sequence[str]] | None,
     weights: Mapping[str, Sequence[float]],
+    buffers_from: int | None = None,
 ) -> dict[str, Tensor]:
-    """Rebuild a soup from per-component coefficients Σ_i w_j[i]·θ_i^j (MMS Alg. 1 unrolled), streamed."""
+    """Rebuild a soup from per-component coefficients Σ_i w_j[i]·θ_i^j (MMS Alg. 1 unrolled), streamed.
+
+    Non-floating buffers are copied from ingredient `buffers_from` (default: the one with the
+    largest coefficient in the first component, i.e. the best ingredient of a greedy or MMS soup).
+    """
     spec = validate_pool(ingredients, check_finite=False)
-    comps = dict(components) if components is not None else {ALL: list(spec)}
+    fixed = set(buffer_keys(spec))
+    spec_float = {k: v for k, v in spec.items() if k not in fixed}
+    comps = dict(components) if components is not None else {ALL: list(spec_float)}
     owner = {k: c for c, keys in comps.items() for k in keys}
-    for k in spec:
+    for k in spec_float:
         owner.setdefault(k, REST if REST in weights else ALL)
     missing = {c for c in owner.values() if c not in weights}
     if missing:
         raise MMSoupError(
             f"weights lack component {sorted(missing)[0]!r}; pass the weights of this partition."
         )
-    out = {k: torch.zeros(shape, dtype=acc_dtype(dt)) for k, (shape, dt) in spec.items()}
+    if fixed and buffers_from is None:
+        first = list(weights.values())[0]
+        buffers_from = max(range(len(first)), key=lambda i: (first[i], -i))
+    out = {k: torch.zeros(shape, dtype=acc_dtype(dt)) for k, (shape, dt) in spec_float.items()}
+    kept: dict[str, Tensor] = {}
     for i, sd in iter_ingredients(ingredients):
         for k, v in sd.items():
+            if k in fixed:
+                if i == buffers_from:
+                    kept[k] = v.clone()
+                continue
             w = float(weights[owner[k]][i])
             if w != 0.0:
                 out[k].add_(v, alpha=w)
         del sd
-    return {k: v.to(spec[k][1]) for k, v in out.items()}
+    return {k: kept[k] if k in fixed else out[k].to(spec[k][1]) for k in spec}

@@ -5,7 +5,9 @@ A partition is an ordered mapping component name -> state-dict keys. Schemes:
 - `prefix:D` groups keys by their first D+1 dotted parts, as the author's `groupStateDictKeysByLevel`
   does at level D; `prefix:D:split` also gives each block of an integer-indexed block list
   (`...resblocks.<i>`) its own component. `C8`, `C15`, `C26` are the paper's partitions.
-- `blocks:N` cuts an open_clip vision tower (stem, blocks, post, head) into N contiguous groups.
+- `blocks:N` cuts a model into N contiguous groups of its units in forward order: an open_clip
+  vision tower (stem, blocks, post, head), or any model whose layers sit in integer-indexed lists
+  (`layer1.0`, `blocks.3`, `encoder.layer.5`, `model.layers.7`): the stem, the blocks, the head.
 - `+live` drops components that cannot change the classifier's output, found by autograd.
 """
 
@@ -94,10 +96,7 @@ def _vision_units(keys: Sequence[str]) -> tuple[list[tuple[str, list[str]]], lis
     towers = [k[: -len("class_embedding")] for k in keys if k.split(".")[-1] == "class_embedding"]
     towers = [t for t in towers if any(k.startswith(t + "transformer.resblocks.") for k in keys)]
     if not towers:
-        raise MMSoupError(
-            "Scheme 'blocks:N' needs an open_clip vision tower (keys '<tower>.class_embedding' and "
-            "'<tower>.transformer.resblocks.<i>.*'); use a 'prefix:D' scheme for other models."
-        )
+        return _indexed_units(keys), []
     tower = towers[0]  # e.g. "model.visual."
     block = re.compile(re.escape(tower) + r"transformer\.resblocks\.(\d+)\.")
     stem, post, head, rest = [], [], [], []
@@ -120,12 +119,46 @@ def _vision_units(keys: Sequence[str]) -> tuple[list[tuple[str, list[str]]], lis
     return [(n, ks) for n, ks in units if ks], rest
 
 
+def _indexed_units(keys: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Any model's units in forward (state-dict) order: stem, each indexed block, head.
+
+    A block is the prefix up to a key's first integer part (`layer1.0`, `encoder.layer.5`); keys
+    before the first block form the stem, keys after the last the head, and a key between blocks
+    that is in none (e.g. a norm between stages) joins the unit before it, so units stay contiguous.
+    """
+    block_of = []
+    for key in keys:
+        parts = key.split(".")
+        cut = next((i + 1 for i, p in enumerate(parts[:-1]) if p.isdigit()), None)
+        block_of.append(".".join(parts[:cut]) if cut else None)
+    indexed = [i for i, b in enumerate(block_of) if b is not None]
+    if not indexed:
+        raise MMSoupError(
+            "Scheme 'blocks:N' needs an open_clip vision tower or layers in integer-indexed lists "
+            "(keys such as 'layer1.0.*', 'blocks.3.*', 'encoder.layer.5.*'); use a 'prefix:D' scheme."
+        )
+    units: list[tuple[str, list[str]]] = [("stem", [])]
+    for i, key in enumerate(keys):
+        if i > indexed[-1]:
+            if units[-1][0] != "head":
+                units.append(("head", []))
+        elif block_of[i] is not None and block_of[i] != units[-1][0]:
+            if any(name == block_of[i] for name, _ in units):
+                raise MMSoupError(
+                    f"Block {block_of[i]!r} is split by other keys in the state dict (at {key!r}); "
+                    "blocks:N needs each block's keys together, use a 'prefix:D' scheme."
+                )
+            units.append((block_of[i], []))
+        units[-1][1].append(key)
+    return [(n, ks) for n, ks in units if ks]
+
+
 def _blocks(keys: Sequence[str], n_groups: int) -> Components:
     """N contiguous groups of vision-tower units, as even as possible; text leftovers -> 'other'."""
     units, rest = _vision_units(keys)
     if not 1 <= n_groups <= len(units):
         raise MMSoupError(
-            f"Scheme 'blocks:{n_groups}' asks for {n_groups} groups but this vision tower has "
+            f"Scheme 'blocks:{n_groups}' asks for {n_groups} groups but this model has "
             f"{len(units)} units ({units[0][0]}, ..., {units[-1][0]}); pick N from 1 to {len(units)}."
         )
     size, extra = divmod(len(units), n_groups)  # the first `extra` groups take one unit more
@@ -178,8 +211,20 @@ def live_components(
                     f"Component {name!r} names key {key!r}, which {type(model).__name__} does not have; pass the model the checkpoints belong to."
                 )
     x = _example_input(model) if example_input is None else example_input
+    x = x.to(next(model.parameters()).device)
+    # BatchNorm running statistics cannot carry a gradient; they are live when their layer is
+    stats = {
+        f"{name}.{b}" if name else b
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.modules.batchnorm._NormBase)
+        for b in ("running_mean", "running_var")
+    }
     # Fresh leaves replace the module's tensors, so nothing of the model (grads, flags) changes.
-    leaves = {k: v.detach().requires_grad_(True) for k, v in state.items() if v.is_floating_point()}
+    leaves = {
+        k: v.detach().requires_grad_(k not in stats)
+        for k, v in state.items()
+        if v.is_floating_point()
+    }
     was_training = model.training
     model.eval()  # no running-statistics updates, no dropout
     try:
@@ -190,10 +235,16 @@ def live_components(
             total = sum(
                 o.float().sum() for o in outs if torch.is_tensor(o) and o.is_floating_point()
             )
-            grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+            wanted = [k for k in leaves if k not in stats]
+            grads = torch.autograd.grad(total, [leaves[k] for k in wanted], allow_unused=True)
     finally:
         model.train(was_training)
-    live = {k for k, g in zip(leaves, grads) if g is not None}
+    live = {k for k, g in zip(wanted, grads) if g is not None}
+    for key in stats & leaves.keys():  # live with its layer's affine weights (or always, if none)
+        layer = key.rsplit(".", 1)[0] + "."
+        siblings = [k for k in wanted if k.startswith(layer) and k.count(".") == key.count(".")]
+        if not siblings or any(k in live for k in siblings):
+            live.add(key)
     kept = {n: list(ks) for n, ks in components.items() if any(k in live for k in ks)}
     dropped = [n for n in components if n not in kept]
     return kept, dropped
@@ -203,11 +254,13 @@ def partition(
     keys_or_state_dict: Iterable[str] | Mapping[str, torch.Tensor] | nn.Module,
     scheme: str,
     model: nn.Module | None = None,
+    example_input: torch.Tensor | None = None,
 ) -> Components:
     """Partition the floating parameters into components by `scheme` (MMS §3, Alg. 1).
 
     Schemes: C8, C15, C26, prefix:D, prefix:D:split, blocks:N; '+live' (needs `model`, or a module
-    as first argument) drops components that cannot change the output (see `live_components`).
+    as first argument) drops components that cannot change the output (see `live_components`),
+    run on `example_input` (one batch) or, for an open_clip tower, a random image of its size.
     """
     if isinstance(keys_or_state_dict, nn.Module) and model is None:
         model = keys_or_state_dict
@@ -240,7 +293,7 @@ def partition(
             raise MMSoupError(
                 f"Scheme {scheme!r} finds inert components from the model; pass model= (the nn.Module the checkpoint belongs to)."
             )
-        components, _ = live_components(components, model)
+        components, _ = live_components(components, model, example_input)
     return components
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from mmsoup import resume
 from mmsoup.checkpoints import (
     Ingredient,
+    buffer_keys,
     iter_ingredients,
     library_versions,
     open_ingredient,
@@ -65,23 +66,34 @@ from mmsoup.result import (  # noqa: F401 (SoupResult and the types are re-expor
 
 
 def _mean(
-    ingredients: Sequence[Ingredient], dtypes: Mapping[str, torch.dtype]
+    ingredients: Sequence[Ingredient], dtypes: Mapping[str, torch.dtype], buffers_from: int = 0
 ) -> dict[str, Tensor]:
     total: dict[str, Tensor] = {}
+    kept: dict[
+        str, Tensor
+    ] = {}  # non-floating buffers: ingredient `buffers_from`'s, never averaged
     for i, sd in iter_ingredients(ingredients):
         for k, v in sd.items():
-            if i == 0:
+            if not dtypes[k].is_floating_point:
+                if i == buffers_from:
+                    kept[k] = v.clone()
+            elif i == 0:
                 total[k] = v.to(acc_dtype(v.dtype), copy=True)
             else:
                 total[k] += v
         del sd  # drop a streamed ingredient before opening the next
-    return {k: v.div_(len(ingredients)).to(dtypes[k]) for k, v in total.items()}  # in place
+    mean = {k: v.div_(len(ingredients)).to(dtypes[k]) for k, v in total.items()}  # in place
+    return {k: mean[k] if k in mean else kept[k] for k in dtypes}  # the pool's key order
 
 
-def uniform_soup(ingredients: Sequence[Ingredient]) -> dict[str, Tensor]:
-    """The mean of all ingredients, streamed (Soups §2, uniform soup)."""
+def uniform_soup(ingredients: Sequence[Ingredient], *, buffers_from: int = 0) -> dict[str, Tensor]:
+    """The mean of all ingredients, streamed (Soups §2, uniform soup).
+
+    Non-floating buffers (e.g. `num_batches_tracked`) are taken from ingredient `buffers_from`
+    (pass the best one's index), never averaged.
+    """
     spec = validate_pool(ingredients)
-    return _mean(ingredients, {k: dt for k, (_, dt) in spec.items()})
+    return _mean(ingredients, {k: dt for k, (_, dt) in spec.items()}, buffers_from)
 
 
 def greedy_soup(
@@ -96,18 +108,23 @@ def greedy_soup(
     t0 = time.perf_counter()
     spec = validate_pool(ingredients)
     dtypes = {k: dt for k, (_, dt) in spec.items()}
+    fixed = set(buffer_keys(spec))
     scorer = Scorer(val_acc)
     accs, order = ranked(ingredients, scorer, ingredient_val_accs)
     first = open_ingredient(ingredients[order[0]])
-    total = {
-        k: v.to(acc_dtype(v.dtype), copy=True) for k, v in first.items()
-    }  # running sum of the soup
+    total = {  # running sum of the soup
+        k: v.to(acc_dtype(v.dtype), copy=True) for k, v in first.items() if k not in fixed
+    }
+    buffers = {k: first[k].clone() for k in fixed}  # the best ingredient's, never averaged
+    keys = list(first)
     del first
     soup, best, decisions = [order[0]], accs[order[0]], []
     for i in tqdm(order[1:], desc="greedy soup", disable=not progress):
         theta = open_ingredient(ingredients[i])
         n = len(soup) + 1
-        cand = {k: ((total[k] + theta[k]) / n).to(dtypes[k]) for k in total}
+        cand = {
+            k: ((total[k] + theta[k]) / n).to(dtypes[k]) if k in total else buffers[k] for k in keys
+        }
         acc = scorer.state(cand, i, "greedy")
         del cand
         if acc > best:  # strict: a tie does not enter the soup
@@ -117,7 +134,8 @@ def greedy_soup(
             best = acc
         decisions.append({"candidate": i, "acc": acc, "accepted": soup[-1] == i})
         del theta
-    state = {k: v.div_(len(soup)).to(dtypes[k]) for k, v in total.items()}  # == the evaluated
+    mean = {k: v.div_(len(soup)).to(dtypes[k]) for k, v in total.items()}  # == the evaluated
+    state = {k: mean[k] if k in mean else buffers[k] for k in keys}
     w = [1.0 / len(soup) if i in soup else 0.0 for i in range(len(ingredients))]
     names = list(components) if components is not None else [ALL]
     info = {
@@ -448,10 +466,12 @@ def mixed_weights(
 def _plan(ingredients, components) -> dict[str, list[str]]:
     """Component -> keys, checked against the pool; keys in no component form REST, last."""
     spec = validate_pool(ingredients)
-    validate_partition(components, spec, complete=False)  # keys outside it follow λ0
+    fixed = set(buffer_keys(spec))  # integer buffers stay Ψ's (the best ingredient's)
+    floating = [k for k in spec if k not in fixed]
+    validate_partition(components, floating, complete=False)  # keys outside it follow λ0
     comps = {str(c): list(keys) for c, keys in components.items()}
     covered = {k for keys in comps.values() for k in keys}
-    rest = [k for k in spec if k not in covered]
+    rest = [k for k in floating if k not in covered]
     return comps | ({REST: rest} if rest else {})
 
 
@@ -634,6 +654,7 @@ def mms_steps(info: Mapping[str, Any]) -> list[tuple[int, list[float]]]:
 
 def wise_ft(zeroshot: Ingredient, finetuned: Ingredient, alpha: float) -> dict[str, Tensor]:
     """WiSE-FT: θ(α) = (1-α)·θ_zeroshot + α·θ_finetuned (WiSE-FT, Wortsman et al., CVPR 2022)."""
-    validate_pool([zeroshot, finetuned])
+    spec = validate_pool([zeroshot, finetuned])
     zs, ft = open_ingredient(zeroshot), open_ingredient(finetuned)
-    return {k: torch.lerp(zs[k], ft[k], float(alpha)) for k in zs}
+    fixed = set(buffer_keys(spec))  # integer buffers: the fine-tuned model's
+    return {k: ft[k].clone() if k in fixed else torch.lerp(zs[k], ft[k], float(alpha)) for k in zs}

@@ -529,6 +529,55 @@ def _(tmp):
     return ["distributed", "--ingredients", missing, "--out", str(tmp / "o" / "s.safetensors")]
 
 
+# -- soup your own checkpoints (mmsoup.own) ---------------------------------------------------------
+def _own_config(tmp: Path, **keys) -> list[str]:
+    """A soup.yaml over the two-checkpoint pool of an nn.Sequential MLP (tests.test_errors:_mlp3)."""
+    import yaml
+
+    _pool(tmp)
+    config = {
+        "model": "tests.test_errors:_mlp3",
+        "ingredients": ["pool/*.safetensors"],
+        "held_out": "held.pt",
+        "out": "soup",
+    } | keys
+    (tmp / "soup.yaml").write_text(yaml.safe_dump(config))
+    return ["soup", "--config", str(tmp / "soup.yaml")]
+
+
+def _mlp3() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2, bias=False))
+
+
+@case("own: unknown model", "Unknown model 'resnet-nine'", "timm:NAME")
+def _(tmp):
+    return _own_config(tmp, model="resnet-nine")
+
+
+@case(
+    "own: missing checkpoint",
+    "ingredient 'pool/nope.safetensors' matches no file",
+    "check the path",
+)
+def _(tmp):
+    return _own_config(tmp, ingredients=["pool/nope.safetensors"])
+
+
+@case("own: keys do not match the model", "lacks '2.bias'", "pick the model the checkpoints")
+def _(tmp):
+    return _own_config(tmp, model="tests.test_errors:_mlp")
+
+
+@case("own: unknown config key", "unknown key 'recipe'", "valid keys: model")
+def _(tmp):
+    return _own_config(tmp, recipe=["mms"])
+
+
+@case("own: missing held-out file", "Held-out data", "held.pt does not exist")
+def _(tmp):
+    return _own_config(tmp)
+
+
 # -- held-out data, heads, dataset folders, downloads ----------------------------------------------
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))

@@ -1,0 +1,148 @@
+"""Models by name, with their own evaluation preprocessing: the architectures users keep checkpoints of.
+
+One entry point, `create_model(name, **kwargs)`, randomly initialised (the weights come from the
+checkpoints): an open_clip name (`ViT-B-32`, as `mmsoup.models.ImageClassifier`), `timm:NAME`,
+`torchvision:NAME`, a Hugging Face model folder with `config.json` (image or sequence
+classification; `hf:ORG/NAME` finds one in the local Hugging Face cache, never on the network), or
+`package.module:function` for the user's own. The model returns logits (B, C) whatever its library.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mmsoup.errors import MMSoupError
+
+KINDS = "an open_clip name (ViT-B-32), 'timm:NAME', 'torchvision:NAME', a Hugging Face model folder with config.json, 'hf:ORG/NAME' (local cache) or 'package.module:function'"
+
+
+@dataclass
+class Model:
+    """A model and how its held-out images are prepared (a PIL image -> (C, H, W) tensor)."""
+
+    module: nn.Module
+    transform: Callable[[Any], Any] | None
+    source: str  # "open_clip", "timm", "torchvision", "transformers" or "python"
+
+
+def _hub_folder(repo_id: str) -> Path:
+    """The local Hugging Face cache's snapshot of `repo_id` (never downloads)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as e:  # LocalEntryNotFoundError, a malformed id, ...
+        raise MMSoupError(
+            f"Model {repo_id!r} is not in the local Hugging Face cache ({type(e).__name__}); "
+            "download it once with `huggingface-cli download` or pass a model folder."
+        ) from e
+
+
+def _transformers(folder: Path, **kwargs: Any) -> Model:
+    """A randomly initialised transformers classifier of the folder's config.json; logits out."""
+    try:
+        import transformers as tf
+    except ImportError as e:
+        raise MMSoupError(
+            f"{folder} is a Hugging Face model but transformers is not installed; pip install 'mmsoup[own]'."
+        ) from e
+    config = tf.AutoConfig.from_pretrained(folder, **kwargs)
+    arch = " ".join(config.architectures or [])
+    image = "ImageClassification" in arch or (
+        not arch and type(config) in tf.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+    )
+    auto = tf.AutoModelForImageClassification if image else tf.AutoModelForSequenceClassification
+    module = auto.from_config(config).eval()
+    module.register_forward_hook(lambda m, args, out: out.logits)  # ModelOutput -> (B, C)
+    transform = None
+    if image and (folder / "preprocessor_config.json").is_file():
+        processor = tf.AutoImageProcessor.from_pretrained(folder)
+
+        def transform(img):
+            return processor(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    return Model(module, transform, "transformers")
+
+
+def _timm_transform(module: nn.Module, image_size: int | None) -> Callable[[Any], Any]:
+    """timm's evaluation transform from the model's data config (resize, crop, normalise)."""
+    from timm.data import create_transform, resolve_data_config
+
+    args = {"input_size": (3, image_size, image_size)} if image_size else {}
+    return create_transform(**resolve_data_config(args, model=module))
+
+
+def create_model(name: str, image_size: int | None = None, **kwargs: Any) -> Model:
+    """A randomly initialised model named `name` and its evaluation transform (kwargs: the factory's)."""
+    name = str(name)
+    kind, sep, rest = name.partition(":")
+    folder = Path(name).expanduser()
+    try:
+        if kind == "timm" and sep:
+            import timm
+
+            if not timm.is_model(rest):
+                raise MMSoupError(
+                    f"Unknown timm model {rest!r}; pick one of timm.list_models(), e.g. 'timm:resnet50'."
+                )
+            module = timm.create_model(rest, pretrained=False, **kwargs)
+            return Model(module.eval(), _timm_transform(module, image_size), "timm")
+        if kind == "torchvision" and sep:
+            import torchvision
+
+            if rest not in torchvision.models.list_models():
+                raise MMSoupError(
+                    f"Unknown torchvision model {rest!r}; pick one of torchvision.models.list_models(), e.g. 'torchvision:resnet18'."
+                )
+            module = torchvision.models.get_model(rest, weights=None, **kwargs).eval()
+            return Model(module, _timm_transform(module, image_size or 224), "torchvision")
+        if kind == "hf" and sep:
+            return _transformers(_hub_folder(rest), **kwargs)
+        if folder.is_dir():
+            if not (folder / "config.json").is_file():
+                raise MMSoupError(
+                    f"Model folder {folder} has no config.json; pass a Hugging Face model folder or {KINDS}."
+                )
+            return _transformers(folder, **kwargs)
+        if sep and "." in kind and rest.isidentifier():  # package.module:function
+            try:
+                factory = getattr(importlib.import_module(kind), rest)
+            except (ImportError, AttributeError) as e:
+                raise MMSoupError(
+                    f"Model factory {name!r} cannot be imported ({e}); check the module path and function name."
+                ) from e
+            module = factory(**kwargs)
+            if not isinstance(module, nn.Module):
+                raise MMSoupError(
+                    f"Model factory {name!r} returned {type(module).__name__}, not a torch nn.Module; return the model."
+                )
+            return Model(module.eval(), _timm_transform(module, image_size or 224), "python")
+        import open_clip
+
+        from mmsoup.models import create_classifier, register_configs
+
+        register_configs()
+        if name in open_clip.list_models():
+            module = create_classifier(name, **kwargs)
+            visual = module.model.visual
+            transform = open_clip.image_transform(
+                image_size or visual.image_size, is_train=False, **_clip_stats(visual)
+            )
+            return Model(module.eval(), transform, "open_clip")
+    except TypeError as e:  # a keyword the factory does not take
+        raise MMSoupError(
+            f"Model {name!r} does not accept the given model_kwargs ({e}); fix model_kwargs in the config."
+        ) from e
+    raise MMSoupError(f"Unknown model {name!r}; use {KINDS}.")
+
+
+def _clip_stats(visual: nn.Module) -> dict[str, Any]:
+    """open_clip's normalisation constants of a tower (its preprocess config when it has one)."""
+    cfg = getattr(visual, "preprocess_cfg", None) or {}
+    return {k: cfg[k] for k in ("mean", "std") if k in cfg}
