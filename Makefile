@@ -21,7 +21,7 @@ test: lint
 	$(BIN)/pytest
 
 reproduce: setup
-	$(BIN)/python -m mmsoup reproduce --profile embedded
+	$(BIN)/python -m mmsoup reproduce --profile embedded --executed notebooks/executed
 
 # The replicate study behind the README's claims: R sweeps (seeds 0..R-1), one backbone.
 REPLICATES ?= 5

@@ -474,6 +474,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     PROFILE,
     RUN_DIR,
     arg("--out", type=Path, default=Path("figures"), help="where figures and tables go"),
+    arg(
+        "--executed",
+        type=Path,
+        default=None,
+        help="also write the executed notebooks here, with the default paths (e.g. notebooks/executed)",
+    ),
 )
 def cmd_reproduce(args: argparse.Namespace) -> None:
     """The headless study: fine-tune, soups, evaluation, Figure 2, Table 1 (README)."""
@@ -482,7 +488,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     from mmsoup.reproduce import reproduce
 
     check_cache(args)  # the notebooks pretrain and build the digits there
-    times = reproduce(args.profile, out=args.out, run_dir=args.run_dir)
+    times = reproduce(args.profile, out=args.out, run_dir=args.run_dir, executed=args.executed)
     total = sum(times.values())
     for name, seconds in times.items():
         _log(f"{name:<22} {seconds:7.0f} s  ({seconds / total:5.1%})")

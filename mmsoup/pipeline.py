@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,13 @@ def soup_stage(
     return table
 
 
+def _optimizers(info: dict[str, Any]) -> str:
+    """The nevergrad optimizers that ran in an MMS soup, e.g. 'Cobyla ×7' (NGOpt picks per
+    dimension and budget); empty for a recipe without one."""
+    runs = Counter(r["optimizer"] for r in info.get("optimizers", []))
+    return ", ".join(f"{name} ×{n}" for name, n in runs.most_common())
+
+
 def _summary_row(name: str, file: Path) -> dict[str, Any]:
     meta = read_sidecar(file) if file.suffix == ".safetensors" else json.loads(file.read_text())
     return {
@@ -158,6 +166,7 @@ def _summary_row(name: str, file: Path) -> dict[str, Any]:
         "val_acc": 100 * meta.get("val_acc", float("nan")),
         "ingredients": len(meta.get("ingredients", [])),
         "n_evals": meta.get("n_evals"),
+        "optimizer": _optimizers(meta.get("info", {})),
         "seconds": round(meta.get("seconds", float("nan")), 1),
         "file": file.name,
     }

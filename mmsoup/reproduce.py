@@ -100,17 +100,22 @@ def reproduce(
     notebooks: Sequence[str] = PIPELINE,
     extra: Mapping[str, Any] | None = None,
     stream: bool = True,
+    executed: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """Run the study's notebooks in order (fine-tune, soups, evaluation, Figure 2, Table 1).
 
     Results pass between notebooks only through files in `run_dir`; figures go to `out`.
-    Returns the wall time of each notebook in seconds.
+    With `executed`, each executed notebook is also written there with this machine's paths
+    replaced by the notebooks' own defaults (`../runs/<profile>`, `../figures`), to be read
+    without running anything. Returns the wall time of each notebook in seconds.
     """
     from mmsoup.profiles import get_profile
 
     get_profile(profile)  # unknown profile: one clear error before anything runs
     run_dir = check_writable(Path(run_dir or Path("runs") / profile), "--run-dir").resolve()
     out = check_writable(out, "--out").resolve()
+    if executed is not None:
+        executed = check_writable(executed, "--executed").resolve()
     if importlib.util.find_spec("papermill") is None:
         raise MMSoupError("reproduce needs papermill; install it with `pip install papermill`.")
     for name in notebooks:  # every notebook is there before the first one runs
@@ -126,11 +131,25 @@ def reproduce(
         params.update(extra or {})
         print(f"[{i}/{len(notebooks)}] {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        run_notebook(name, params, run_dir / "notebooks", stream=stream)
+        done = run_notebook(name, params, run_dir / "notebooks", stream=stream)
         times[name] = time.perf_counter() - start
+        if executed is not None:
+            publish(done, executed / done.name, {run_dir: f"../runs/{profile}", out: "../figures"})
         print(
             f"[{i}/{len(notebooks)}] {name} done in {times[name]:.0f} s",
             file=sys.stderr,
             flush=True,
         )
     return times
+
+
+def publish(notebook: Path, dest: Path, paths: Mapping[Path, str]) -> Path:
+    """Copy an executed notebook with absolute paths of this machine replaced (longest first),
+    e.g. the run folder by `../runs/embedded`, written atomically."""
+    from mmsoup.io import write_text
+
+    text = notebook.read_text()
+    for path, relative in sorted(paths.items(), key=lambda kv: -len(str(kv[0]))):
+        text = text.replace(str(path), relative)
+    write_text(dest, text)
+    return dest

@@ -80,3 +80,15 @@ def test_executed_notebooks_hold_one_line_per_progress_bar(smoke_run):
                     lines = out["text"].splitlines()
                     assert len(lines) <= 8, (name, lines[:3])
                     assert not any("\r" in line for line in lines), name
+
+
+def test_published_copies_carry_the_notebooks_default_paths_not_this_machines(tmp_path):
+    from mmsoup.reproduce import publish
+
+    run, figs = tmp_path / "runs" / "embedded", tmp_path / "figs"
+    nb = tmp_path / "02_soups.ipynb"
+    nb.write_text(f'{{"run_dir": "{run}", "saved": "{run}/soups/x", "fig": "{figs}/t.png"}}')
+    out = publish(nb, tmp_path / "executed" / nb.name, {run: "../runs/embedded", figs: "../figures"})
+    text = out.read_text()
+    assert str(tmp_path) not in text
+    assert '"../runs/embedded/soups/x"' in text and '"../figures/t.png"' in text

@@ -117,8 +117,20 @@ def test_soups_never_lose_to_their_best_ingredient_on_held_out(paper_run) -> Non
         assert set(meta["ingredients"]) <= {0, 1, 2}
     mms = read_sidecar(soups / "mms_c8.safetensors")
     assert mms["n_evals"] <= 2 * (3 + 1)  # two candidates, budget 3 each (+ the check of each)
-    components = set(mms["weights"]) - {"_uncovered"}
-    assert len(components) == 3  # C8 + live on ViT-B-32: 3 live components (test_partition.py)
+    assert len(set(mms["weights"]) - {"_uncovered"}) == 8  # the paper's C8: every component
+    live = read_sidecar(soups / "mms_c8+live.safetensors")
+    assert len(set(live["weights"]) - {"_uncovered"}) == 3  # the ablation: 3 live components
+
+
+def test_every_mms_row_records_the_optimizer_that_ran(paper_run) -> None:
+    """NGOpt's choice depends on dimension and budget: each MMS row says what actually ran."""
+    summary = pd.read_csv(paper_run["run"] / "soups" / "summary.csv").set_index("method")
+    for name in [n for n in NAMES if n.startswith("MMS-")]:
+        meta = read_sidecar(paper_run["run"] / "soups" / summary.loc[name, "file"])
+        ran = [r["optimizer"] for r in meta["info"]["optimizers"]]
+        assert ran and meta["info"]["params"]["optimizer"] == "NGOpt", name
+        assert summary.loc[name, "optimizer"] == f"{ran[0]} ×{len(ran)}", name  # one kind here
+        assert ran[0] == "Cobyla", name  # NGOpt's pick for 3 to 26 dimensions at budget 3
 
 
 def test_figure2_and_table1_are_written_with_the_papers_values(paper_run) -> None:

@@ -12,7 +12,8 @@ from mmsoup.recipes import NAMES, RECIPES, SHOWN, recipe
 
 def test_every_recipe_has_its_own_name_and_file():
     assert len(set(NAMES)) == len(NAMES) == len({r.file for r in RECIPES})
-    assert recipe("MMS-C8").file == "mms_c8.safetensors" and recipe("MMS-C8").scheme == "C8+live"
+    assert recipe("MMS-C8").file == "mms_c8.safetensors" and recipe("MMS-C8").scheme == "C8"
+    assert recipe("MMS-C8+live").scheme == "C8+live"  # the ablation: inert components left out
     assert recipe("Greedy ensemble").file == "greedy_ensemble.json"
 
 
