@@ -88,7 +88,9 @@ def test_published_copies_carry_the_notebooks_default_paths_not_this_machines(tm
     run, figs = tmp_path / "runs" / "embedded", tmp_path / "figs"
     nb = tmp_path / "02_soups.ipynb"
     nb.write_text(f'{{"run_dir": "{run}", "saved": "{run}/soups/x", "fig": "{figs}/t.png"}}')
-    out = publish(nb, tmp_path / "executed" / nb.name, {run: "../runs/embedded", figs: "../figures"})
+    out = publish(
+        nb, tmp_path / "executed" / nb.name, {run: "../runs/embedded", figs: "../figures"}
+    )
     text = out.read_text()
     assert str(tmp_path) not in text
     assert '"../runs/embedded/soups/x"' in text and '"../figures/t.png"' in text
