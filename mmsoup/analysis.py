@@ -385,3 +385,162 @@ def wise_curves(
         state = open_ingredient(ing) if alpha == 1.0 else wise_ft(init, ing, alpha)
         rows.append({"curve": name, "kind": "WiSE-FT", "alpha": alpha, **scores(state)})
     return pd.DataFrame(rows)
+
+
+# =============================================================================================
+# Reading a run for the chapters (notebooks 01, 02, 03): read-only views of the files the stages
+# wrote (sweep/, soups/), as tables for mmsoup.plots; nothing here computes a soup
+# =============================================================================================
+INERT_WHY = (
+    "no gradient reaches the image classifier's output (e.g. the text tower): λ cannot change it"
+)
+
+
+def training_losses(sweep_dir: str | os.PathLike) -> pd.DataFrame:
+    """Training loss by step of each sweep run, from `sweep/logs/model_K.log` (parallel sweeps only).
+
+    A sweep run in-process (`jobs=1`) writes no log, so the table is then empty; the sidecars
+    record no losses.
+    """
+    import re
+
+    rows = []
+    pattern = re.compile(r"^step (\d+)/(\d+) loss ([-+0-9.eEnaif]+)$")
+    for log in sorted(Path(sweep_dir, "logs").glob("model_*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            m = pattern.match(line.strip())
+            if m:
+                step, total, loss = int(m[1]), int(m[2]), float(m[3])
+                rows.append({"name": log.stem, "step": step, "total": total, "loss": loss})
+    return pd.DataFrame(rows, columns=["name", "step", "total", "loss"])
+
+
+def soup_record(run_dir: str | os.PathLike, method: str) -> dict:
+    """What the soup stage saved for a recipe (e.g. 'Greedy soup'): its sidecar, or an ensemble's JSON."""
+    import json
+
+    from mmsoup.recipes import recipe
+
+    file = Path(run_dir) / "soups" / recipe(method).file
+    if not file.is_file():
+        raise MMSoupError(f"{file} does not exist; run the soup stage (notebook 02) first.")
+    return read_sidecar(file) if file.suffix == ".safetensors" else json.loads(file.read_text())
+
+
+def greedy_path(record: Mapping) -> pd.DataFrame:
+    """The path of a greedy soup or greedy ensemble: each candidate, best-first, and the decision.
+
+    Row 0 is the start (the best ingredient); then one row per candidate with the held-out accuracy
+    of the soup (or ensemble) with it added, the best so far before it, and whether it was kept
+    (Soups Recipe 1: kept iff strictly better).
+    """
+    from mmsoup.result import best_first
+
+    if "trace" not in record:
+        raise MMSoupError(
+            "This record was made by an older mmsoup that did not save its trace; rebuild it (notebook 02)."
+        )
+    accs = list(record["ingredient_val_accs"])
+    first = best_first(accs)[0]
+    decisions = record.get("info", {}).get("decisions")
+    if decisions is None:  # a greedy ensemble: its trace's 'greedy' rows, members in `ingredients`
+        members = set(record["ingredients"])
+        decisions = [
+            {"candidate": r["candidate"], "acc": r["acc"], "accepted": r["candidate"] in members}
+            for r in record["trace"]
+            if r["stage"] == "greedy"
+        ]
+    rows = [dict(step=0, candidate=first, own_acc=accs[first], acc=accs[first], best_before=np.nan,
+                 decision="start")]  # fmt: skip
+    best = accs[first]
+    for k, d in enumerate(decisions, 1):
+        rows.append(dict(step=k, candidate=d["candidate"], own_acc=accs[d["candidate"]],
+                         acc=d["acc"], best_before=best,
+                         decision="accepted" if d["accepted"] else "rejected"))  # fmt: skip
+        best = d["acc"] if d["accepted"] else best
+    out = pd.DataFrame(rows)
+    out[["own_acc", "acc", "best_before"]] *= 100
+    return out
+
+
+def mms_decisions(record: Mapping) -> pd.DataFrame:
+    """Each MMS candidate, best-first: Ψ's accuracy before it, the τ test and the decision (MMS Alg. 1).
+
+    approx_acc is Ψ̃ = k/(k+1)·Ψ + 1/(k+1)·θ_i; the candidate is optimised only if approx_acc
+    passes τ·acc(Ψ) (else 'skipped'), and accepted only if the best λ beats Ψ. Accuracies in %.
+    """
+    from mmsoup.result import best_first
+
+    info = record["info"]
+    tau = info["params"]["tau"]
+    accs = list(record["ingredient_val_accs"])
+    psi, k, rows = accs[best_first(accs)[0]], 1, []
+    for step, d in enumerate(info["decisions"], 1):
+        rows.append(dict(step=step, candidate=d["candidate"], own_acc=accs[d["candidate"]],
+                         psi_acc=psi, threshold=tau * psi, lambda0=k / (k + 1),
+                         approx_acc=d["approx_acc"], best_acc=d.get("best_acc", np.nan),
+                         decision=d["decision"]))  # fmt: skip
+        if d["decision"] == "accepted":
+            psi, k = d["best_acc"], k + 1
+    out = pd.DataFrame(rows)
+    cols = ["own_acc", "psi_acc", "threshold", "approx_acc", "best_acc"]
+    out[cols] *= 100
+    return out
+
+
+def mms_trace(record: Mapping) -> pd.DataFrame:
+    """Every held-out evaluation of an MMS soup's λ searches: candidate, stage, n-th of its search, acc (%)."""
+    rows = [r for r in record["trace"] if r["stage"] != "ingredient"]
+    out = pd.DataFrame(rows, columns=["eval", "candidate", "stage", "lambdas", "acc"])
+    out["acc"] *= 100
+    out["k"] = out.groupby("candidate").cumcount()  # 0: the approximate average Ψ̃ (λ0)
+    return out
+
+
+def mms_lambdas(record: Mapping) -> pd.DataFrame:
+    """λ* per component (rows) of each accepted MMS step (columns `model_i`); empty if none.
+
+    λ_j is the share of Ψ kept in component j: Ψ'^j = λ^j·Ψ^j + (1-λ^j)·θ_i^j (MMS Alg. 1).
+    """
+    comps = list(record["weights"])  # the plan's order, REST ('_uncovered', at λ0) last
+    steps = [d for d in record["info"]["decisions"] if d["decision"] == "accepted"]
+    if any("lambdas" not in d for d in steps):
+        raise MMSoupError(
+            "This MMS soup was made by an older mmsoup that did not record λ* per step; "
+            "rebuild it (notebook 02) to see them."
+        )
+    cols = {f"model_{d['candidate']}": d["lambdas"] for d in steps}
+    return pd.DataFrame(cols, index=comps[: len(steps[0]["lambdas"])] if steps else comps)
+
+
+def partition_table(model: torch.nn.Module, scheme: str) -> pd.DataFrame:
+    """Every component of a scheme's base partition: tensors, parameters, live or inert, and why.
+
+    `scheme` as in `mmsoup.partition` (e.g. 'C8+live'): with '+live' the inert components are
+    dropped from the λ search and their keys follow λ0 (REST); without it every component is searched.
+    """
+    from mmsoup.partition import describe, live_components, partition
+
+    base, _, live_only = scheme.partition("+")
+    comps = partition(model.state_dict(), base)
+    _, dropped = live_components(comps, model)
+    table = describe(comps, model)
+    table["live"] = ~table["component"].isin(dropped)
+    table["searched"] = table["live"] if live_only else True
+    table["why"] = np.where(table["live"], "", INERT_WHY)
+    return table
+
+
+def example_images(
+    profile: str, sets: Sequence[str], per_set: int = 6, seed: int = 0
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """A seeded choice of `per_set` (images, labels) from each named set of a profile (as evaluated)."""
+    from mmsoup.context import load_set
+
+    out = {}
+    for name in sets:
+        images, labels, _, _ = load_set(profile, name)
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(labels), generator=g)[:per_set].sort().values
+        out[name] = (images[idx], labels[idx])
+    return out

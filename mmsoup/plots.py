@@ -467,3 +467,300 @@ def plot_wise_curves(wise: pd.DataFrame, id_label: str = "ID") -> Figure:
     ax.set_title(f"WiSE-FT, α ∈ {{{', '.join(f'{a:g}' for a in alphas)}}}", fontsize=10)
     ax.legend(frameon=False, fontsize=8, loc="lower right")
     return fig
+
+
+# =============================================================================================
+# The chapters (notebooks 01, 02, 03, 08): the sweep, what each soup recipe decided, the data,
+# accuracy per set, and the replicate study; tables from mmsoup.analysis / mmsoup.replicates
+# =============================================================================================
+
+DECISION_COLOURS = {  # colourblind palette: kept / optimised but not kept / not optimised
+    "start": "#000000",
+    "accepted": WHY_COLOURS["green"],
+    "rejected": WHY_COLOURS["red"],
+    "skipped": WHY_COLOURS["grey"],
+}
+
+
+def _message(fig: Figure, ax, text: str) -> Figure:
+    """An empty panel that says why there is nothing to draw."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, transform=ax.transAxes, wrap=True)
+    ax.set_axis_off()
+    return fig
+
+
+def plot_sweep_runs(runs: pd.DataFrame) -> Figure:
+    """Held-out accuracy of each run against its learning rate, by augmentation; the LP init (notebook 01)."""
+    fig, (ax,) = _figure(6.4, 4.0)
+    if "val_acc" not in runs or "lr" not in runs or runs["lr"].isna().all():
+        return _message(fig, ax, "no learning rates or held-out accuracies to plot yet")
+    ft = runs.dropna(subset=["lr", "val_acc"])
+    augments = ft["augment"].fillna("?") if "augment" in ft else pd.Series("runs", index=ft.index)
+    for i, (aug, g) in enumerate(ft.groupby(augments, sort=True)):
+        ax.scatter(g["lr"], 100 * g["val_acc"], s=46, color=_CYCLE[i % len(_CYCLE)],
+                   edgecolors="white", zorder=3, label=str(aug))  # fmt: skip
+        for _, r in g.iterrows():
+            ax.annotate(str(r["name"]).replace("model_", ""), (r["lr"], 100 * r["val_acc"]),
+                        fontsize=7, xytext=(3, 2), textcoords="offset points")  # fmt: skip
+    lp = runs[runs.get("augment", pd.Series(dtype=str)) == "LP init"]
+    if len(lp) and lp["val_acc"].notna().all():
+        ax.axhline(
+            100 * lp["val_acc"].iloc[0], color="black", ls="--", lw=1, label="LP init (model_0)"
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("held-out top-1 (%)")
+    ax.legend(frameon=False, fontsize=8, title="augmentation", title_fontsize=8)
+    return fig
+
+
+def plot_lp_init(val_acc_by_c: dict[str, float], chosen: float | None = None) -> Figure:
+    """Held-out accuracy of the linear probe against its inverse regularisation C (notebook 01)."""
+    fig, (ax,) = _figure(4.6, 3.2)
+    cs = np.array([float(c) for c in val_acc_by_c])
+    accs = 100 * np.array(list(val_acc_by_c.values()), dtype=float)
+    ax.plot(cs, accs, marker="o", color=WHY_COLOURS["blue"])
+    if chosen is not None:
+        ax.axvline(chosen, color="black", ls="--", lw=1, label=f"chosen C = {chosen:g}")
+        ax.legend(frameon=False, fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("C (inverse L2 regularisation of the probe)")
+    ax.set_ylabel("held-out top-1 (%)")
+    ax.set_title("the LP init: a linear probe on frozen features", fontsize=10)
+    return fig
+
+
+def plot_training_curves(losses: pd.DataFrame, names: Sequence[str] | None = None) -> Figure:
+    """Training loss against step for a few sweep runs (notebook 01; from analysis.training_losses)."""
+    fig, (ax,) = _figure(5.6, 3.6)
+    if losses.empty:
+        return _message(fig, ax, "no training losses were recorded for this sweep")
+    names = list(names) if names is not None else sorted(losses["name"].unique())
+    for i, name in enumerate(names):
+        g = losses[losses["name"] == name]
+        ax.plot(g["step"], g["loss"], marker="o", ms=3, color=_CYCLE[i % len(_CYCLE)], label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (soft-target CE)")
+    ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def plot_greedy_path(path: pd.DataFrame, title: str = "Greedy soup") -> Figure:
+    """Each candidate's held-out accuracy (added to the soup) against the best so far (Soups Recipe 1)."""
+    fig, (ax,) = _figure(max(5.0, 0.5 * len(path) + 2.5), 3.8)
+    x = path["step"].to_numpy()
+    best_after = np.maximum.accumulate(
+        np.where(path["decision"] == "rejected", -np.inf, path["acc"])
+    )
+    ax.step(x, best_after, where="post", color="black", lw=1.2, label="best so far (the soup)")
+    ax.scatter(x, path["own_acc"], marker="_", s=160, color="#949494", zorder=3,
+               label="candidate alone")  # fmt: skip
+    for decision, g in path.groupby("decision", sort=False):
+        ax.scatter(g["step"], g["acc"], s=60, color=DECISION_COLOURS[decision], edgecolors="white",
+                   zorder=4, label="best ingredient" if decision == "start" else f"with it: {decision}")  # fmt: skip
+    ax.set_xticks(x, [f"{s}\nmodel_{c}" for s, c in zip(x, path["candidate"])], fontsize=7)
+    ax.set_xlabel("step (candidates best-first by their own held-out accuracy)")
+    ax.set_ylabel("held-out top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(frameon=False, fontsize=8, loc="best")
+    return fig
+
+
+def plot_mms_decisions(decisions: dict[str, pd.DataFrame]) -> Figure:
+    """Per MMS candidate: the τ test (Ψ̃ vs τ·acc(Ψ)) and the optimised accuracy, one panel per recipe (MMS Alg. 1)."""
+    n = max(1, len(decisions))
+    fig, axes = _figure(4.4 * n, 4.0, ncols=n)
+    for ax, (name, d) in zip(axes, decisions.items()):
+        x = d["step"].to_numpy()
+        # the bars each candidate faces: acc(Ψ) before it (accept) and τ·acc(Ψ) (optimise at all)
+        ax.hlines(d["psi_acc"], x - 0.42, x + 0.42, color="black", lw=1.4, label="acc(Ψ) before it")
+        ax.hlines(d["threshold"], x - 0.42, x + 0.42, color="black", lw=0.9, ls=":",
+                  label="τ·acc(Ψ)")  # fmt: skip
+        ax.scatter(x, d["approx_acc"], marker="o", s=40, facecolors="none",
+                   edgecolors=[DECISION_COLOURS[v] for v in d["decision"]], linewidths=1.3,
+                   zorder=3, label="τ test: the average at λ0")  # fmt: skip
+        opt = d[d["decision"] != "skipped"]
+        ax.scatter(opt["step"], opt["best_acc"], marker="D", s=46,
+                   color=[DECISION_COLOURS[v] for v in opt["decision"]], edgecolors="white",
+                   zorder=4, label="best λ* found")  # fmt: skip
+        counts = d["decision"].value_counts()
+        summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("accepted", "rejected", "skipped"))
+        ax.set_title(f"{name}: {summary}", fontsize=9)
+        ax.set_xticks(x, [f"model_{c}" for c in d["candidate"]], rotation=90, fontsize=7)
+        ax.set_xlabel("candidate (best-first)")
+    axes[0].set_ylabel("held-out top-1 (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    for k in ("accepted", "rejected", "skipped"):
+        handles.append(axes[0].scatter([], [], color=DECISION_COLOURS[k], s=30))
+        labels.append(k)
+    fig.legend(handles, labels, loc="outside lower center", ncols=7, frameon=False, fontsize=8)
+    return fig
+
+
+def plot_mms_traces(traces: dict[str, pd.DataFrame], decisions: dict[str, pd.DataFrame]) -> Figure:
+    """The optimizer's held-out accuracy per evaluation of each optimised candidate, one panel per recipe."""
+    n = max(1, len(traces))
+    fig, axes = _figure(4.4 * n, 3.8, ncols=n)
+    for ax, (name, t) in zip(axes, traces.items()):
+        d = decisions[name].set_index("candidate")
+        optimised = [c for c in d.index if d.loc[c, "decision"] != "skipped"]
+        if not optimised:
+            _message(
+                fig, ax, f"{name}: every candidate was skipped by the τ test;\nno λ was searched"
+            )
+            continue
+        for c in optimised:
+            g = t[t["candidate"] == c]
+            colour = DECISION_COLOURS[d.loc[c, "decision"]]
+            ax.plot(g["k"], g["acc"], color=colour, lw=0.8, alpha=0.6)
+            ax.plot(g["k"], np.maximum.accumulate(g["acc"].to_numpy()), color=colour, lw=1.8,
+                    label=f"model_{c} ({d.loc[c, 'decision']})")  # fmt: skip
+            ax.axhline(d.loc[c, "psi_acc"], color=colour, ls=":", lw=1)
+        ax.set_title(f"{name}: evaluations per candidate (dotted: acc(Ψ))", fontsize=9)
+        ax.set_xlabel("evaluation of the candidate's search (0: every λ at λ0)")
+        ax.legend(frameon=False, fontsize=7)
+    axes[0].set_ylabel("held-out top-1 (%): each (thin), best so far (thick)")
+    return fig
+
+
+def plot_mms_lambdas(lambdas: dict[str, pd.DataFrame]) -> Figure:
+    """λ* per component of each accepted step, one heat map per recipe (1: keep Ψ, 0: take θ_i)."""
+    n = max(1, len(lambdas))
+    rows = max((len(v) for v in lambdas.values()), default=1)
+    fig, axes = _figure(3.6 * n + 1.0, 0.22 * rows + 1.8, ncols=n)
+    im = None
+    for ax, (name, lam) in zip(axes, lambdas.items()):
+        ax.grid(False)
+        if lam.shape[1] == 0:
+            _message(fig, ax, f"{name}:\nno accepted step")
+            continue
+        im = ax.imshow(lam.to_numpy(float), vmin=0, vmax=1, cmap="cividis", aspect="auto")
+        ax.set_xticks(range(lam.shape[1]), lam.columns, fontsize=8)
+        ax.set_yticks(
+            range(len(lam)), [str(c).removeprefix("model.") for c in lam.index], fontsize=6
+        )
+        for (i, j), v in np.ndenumerate(lam.to_numpy(float)):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if v < 0.5 else "black")  # fmt: skip
+        ax.set_title(f"{name}: λ* per accepted step", fontsize=9)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes), label="λ*: share of Ψ kept", shrink=0.8)
+    return fig
+
+
+def plot_soup_coefficients(weights: dict[str, Sequence[float]], title: str) -> Figure:
+    """Each ingredient's coefficient in each component of a soup (rows components, columns models)."""
+    w = pd.DataFrame(weights).T
+    w.columns = [f"model_{i}" for i in w.columns]
+    w = w.loc[:, (w > 1e-6).any()]
+    fig, (ax,) = _figure(1.6 + 0.55 * w.shape[1], 0.22 * len(w) + 1.6)
+    ax.grid(False)
+    im = ax.imshow(w.to_numpy(float), vmin=0, vmax=max(1e-6, float(w.to_numpy().max())),
+                   cmap="viridis", aspect="auto")  # fmt: skip
+    ax.set_xticks(range(w.shape[1]), w.columns, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(w)), [str(i).removeprefix("model.") for i in w.index], fontsize=6)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="coefficient (each row sums to 1)")
+    return fig
+
+
+def plot_learned_soup_loss(info: dict) -> Figure:
+    """The learned soup's held-out cross-entropy per training step (Soups App. I)."""
+    fig, (ax,) = _figure(5.0, 3.2)
+    steps = pd.DataFrame(info.get("steps", []))
+    if steps.empty:
+        return _message(fig, ax, "no training steps recorded")
+    ax.plot(np.arange(len(steps)), steps["loss"], color=WHY_COLOURS["green"], marker="o", ms=2)
+    ax.set_xlabel("step (all epochs)")
+    ax.set_ylabel("held-out cross-entropy")
+    ax.set_title("learned soup: training the mixing coefficients", fontsize=10)
+    return fig
+
+
+def plot_wise_alphas(alphas: dict[str, float], chosen: float) -> Figure:
+    """WiSE-FT's held-out accuracy against α (0: the LP init, 1: the fine-tuned model)."""
+    fig, (ax,) = _figure(4.6, 3.2)
+    a = np.array([float(k) for k in alphas])
+    ax.plot(
+        a, 100 * np.array(list(alphas.values()), dtype=float), marker="o", color=PALETTE["olive"]
+    )
+    ax.axvline(chosen, color="black", ls="--", lw=1, label=f"chosen α = {chosen:g}")
+    ax.set_xlabel("α")
+    ax.set_ylabel("held-out top-1 (%)")
+    ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def _display(image) -> np.ndarray:
+    """(C, H, W) or (H, W), uint8 or normalised float -> (H, W[, 3]) in [0, 1] for imshow."""
+    x = np.asarray(image, dtype=np.float64)
+    if x.ndim == 3:
+        x = x[0] if np.allclose(x, x[:1]) else np.moveaxis(x, 0, -1)  # grey stored as 3 channels
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def plot_example_images(examples: dict, class_names: Sequence[str] | None = None) -> Figure:
+    """A grid of example images: one row per set, each with its label (notebook 03)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    per = max(len(labels) for _, labels in examples.values())
+    fig = Figure(figsize=(1.15 * per + 1.4, 1.3 * len(examples)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(examples), per, squeeze=False)
+    for row, (name, (images, labels)) in zip(axes, examples.items()):
+        for j, ax in enumerate(row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(labels):
+                ax.set_axis_off()
+                continue
+            img = _display(images[j])
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+            y = int(labels[j])
+            ax.set_title(class_names[y] if class_names else f"label {y}", fontsize=7, pad=2)
+        row[0].set_ylabel(name, fontsize=9, rotation=0, ha="right", va="center")
+    return fig
+
+
+def plot_accuracy_by_set(acc: pd.DataFrame, id_set: str, shifts: Sequence[str]) -> Figure:
+    """Top-1 of every method (rows) on every set (columns) with the Avg OOD column, annotated."""
+    wide = by_set(acc, ["heldout" if HELDOUT_SET in set(acc["set"]) else id_set, id_set, *shifts])
+    wide = wide.loc[:, ~wide.columns.duplicated()]
+    wide[AVG_OOD] = wide[list(shifts)].mean(axis=1)
+    fig, (ax,) = _figure(1.1 * wide.shape[1] + 2.6, 0.28 * len(wide) + 1.4)
+    ax.grid(False)
+    # each column on its own scale: a column's best and worst methods stand out
+    z = (wide - wide.min()) / (wide.max() - wide.min()).replace(0, 1)
+    ax.imshow(z.to_numpy(float), cmap="cividis", aspect="auto")
+    for (i, j), v in np.ndenumerate(wide.to_numpy(float)):
+        ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                color="white" if z.iat[i, j] < 0.5 else "black")  # fmt: skip
+    ax.set_xticks(range(wide.shape[1]), wide.columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(wide)), wide.index, fontsize=8)
+    ax.set_title("top-1 (%) per set; colour: scaled within each column (bright: best)", fontsize=9)
+    return fig
+
+
+def plot_replicate_spread(rows: pd.DataFrame) -> Figure:
+    """Each method's Δ vs the best individual model over the replicates: box and dots, ID and Avg OOD (notebook 08)."""
+    methods = [m for m in rows["method"].unique() if m != "Best individual"]
+    fig, axes = _figure(10.0, 0.42 * len(methods) + 1.6, ncols=2)
+    rng = np.random.default_rng(0)  # vertical jitter of the dots only
+    for ax, col, title in zip(axes, ("delta_id", "delta_ood"), ("Δ ID", "Δ Avg OOD")):
+        data = [rows.loc[rows["method"] == m, col].to_numpy(float) for m in methods]
+        ax.boxplot(data, positions=range(len(methods)), orientation="horizontal", widths=0.55,
+                   showfliers=False, medianprops={"color": "black"})  # fmt: skip
+        for y, x in enumerate(data):
+            ax.scatter(x, y + rng.uniform(-0.15, 0.15, len(x)), s=16, color=WHY_COLOURS["blue"],
+                       alpha=0.8, zorder=3)  # fmt: skip
+        ax.axvline(0, color="grey", lw=1, ls="--")
+        ax.set_yticks(range(len(methods)), methods, fontsize=8)
+        ax.set_title(f"{title}: method − best individual (points)", fontsize=9)
+        ax.grid(axis="y", visible=False)
+    axes[0].invert_yaxis()
+    axes[1].invert_yaxis()
+    axes[1].set_yticklabels([])
+    n = rows["replicate"].nunique()
+    fig.suptitle(f"{n} replicates: dots = replicates, box = quartiles, line = median", fontsize=9)
+    return fig

@@ -21,6 +21,63 @@ def test_notebooks_01_to_05_write_figure2_and_table1(smoke_run):
     assert all(p.is_file() for p in executed)
 
 
+def _outputs(path):
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+
+def _check_short(outputs, name):
+    """No error, no stream output over 8 lines, no output of any kind over 40 lines."""
+    for o in outputs:
+        assert o["output_type"] != "error", (name, o.get("evalue"))
+        if o["output_type"] == "stream":
+            assert len(o["text"].splitlines()) <= 8, (name, o["text"][:200])
+        for mime, text in o.get("data", {}).items():
+            if mime == "text/plain":
+                assert len(text.splitlines()) <= 40, (name, text[:200])
+
+
+@pytest.mark.parametrize(
+    ("name", "figures"),
+    [("01_finetune_sweep", 3), ("02_soups", 9), ("03_ood_evaluation", 2)],
+)
+def test_chapters_01_to_03_draw_their_figures_in_short_outputs(smoke_run, name, figures):
+    """The chapters show what each stage decided: a figure per idea, no pages of text."""
+    outputs = _outputs(smoke_run / "notebooks" / f"{name}.ipynb")
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= figures
+    _check_short(outputs, name)
+
+
+def test_chapter_02_replays_the_uniform_and_greedy_soup_bit_for_bit(smoke_run, tmp_path):
+    """The public calls shown in chapter 02 give the stage's files, tensor for tensor."""
+    params = {"profile": "smoke", "run_dir": str(smoke_run), "replay": True}
+    text = str(_outputs(run_notebook("02_soups", params, tmp_path, stream=False)))
+    assert "equals the stage's file, tensor for tensor: True" in text
+    assert "equals the stage's file: True" in text
+
+
+def test_notebook_08_reads_the_committed_replicate_study_alone(tmp_path):
+    """Chapter 08 runs from figures/replicates.csv alone (read only): no run folder, no study."""
+    from pathlib import Path
+
+    figures = Path(__file__).resolve().parents[1] / "figures"
+    before = (figures / "replicates.csv").read_bytes()
+    params = {
+        "profile": "embedded",
+        "run_dir": str(tmp_path / "no_run"),
+        "figures_dir": str(figures),
+    }
+    out = run_notebook("08_replicates", params, tmp_path, stream=False)
+    outputs = _outputs(out)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1
+    _check_short(outputs, "08_replicates")
+    assert "Greedy soup" in str(outputs)
+    assert (figures / "replicates.csv").read_bytes() == before
+    assert not (tmp_path / "no_run").exists()
+
+
 def test_notebook_06_runs_headless_and_reports_readouts(smoke_run, tmp_path):
     out = run_notebook(
         "06_lambda_explorer",
