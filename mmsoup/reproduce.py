@@ -21,6 +21,9 @@ PIPELINE = (
     "05_table1",
 )
 INTERACTIVE = ("06_lambda_explorer",)
+# chapters that read the study's results (06: the explorer's readouts, 07: why soups work,
+# 08: the replicate study from figures/replicates.csv); run after it when executed copies are kept
+READING = ("06_lambda_explorer", "07_why_soups_work", "08_replicates")
 KERNEL = "python3"  # the venv's own ipykernel (jupyter_client maps "python" to sys.executable)
 
 
@@ -57,7 +60,7 @@ def run_notebook(
     src = notebooks_dir() / f"{name}.ipynb"
     if not src.is_file():
         raise MMSoupError(
-            f"There is no notebook {name!r} in {src.parent}; pick one of {', '.join(PIPELINE + INTERACTIVE)}."
+            f"There is no notebook {name!r} in {src.parent}; pick one of {', '.join(PIPELINE + READING)}."
         )
     declared = notebook_parameters(src)
     unknown = sorted(set(parameters) - set(declared))
@@ -116,6 +119,8 @@ def reproduce(
     out = check_writable(out, "--out").resolve()
     if executed is not None:
         executed = check_writable(executed, "--executed").resolve()
+        reading = [n for n in READING if n != "08_replicates" or (out / "replicates.csv").is_file()]
+        notebooks = (*notebooks, *[n for n in reading if n not in notebooks])
     if importlib.util.find_spec("papermill") is None:
         raise MMSoupError("reproduce needs papermill; install it with `pip install papermill`.")
     for name in notebooks:  # every notebook is there before the first one runs
@@ -126,8 +131,11 @@ def reproduce(
     times: dict[str, float] = {}
     for i, name in enumerate(notebooks, 1):
         params = {"profile": profile, "run_dir": str(run_dir)}
-        if "figures_dir" in notebook_parameters(notebooks_dir() / f"{name}.ipynb"):
+        declared = notebook_parameters(notebooks_dir() / f"{name}.ipynb")
+        if "figures_dir" in declared:
             params["figures_dir"] = str(out)
+        if "interactive" in declared:  # headless: the explorer's readouts, not its live widget
+            params["interactive"] = False
         params.update(extra or {})
         print(f"[{i}/{len(notebooks)}] {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
