@@ -110,7 +110,8 @@ def create_model(name: str, image_size: int | None = None, **kwargs: Any) -> Mod
                     f"Model folder {folder} has no config.json; pass a Hugging Face model folder or {KINDS}."
                 )
             return _transformers(folder, **kwargs)
-        if sep and "." in kind and rest.isidentifier():  # package.module:function
+        if sep and all(part.isidentifier() for part in kind.split(".")) and rest.isidentifier():
+            # module:function or package.module:function (timm:, torchvision:, hf: came first)
             try:
                 factory = getattr(importlib.import_module(kind), rest)
             except (ImportError, AttributeError) as e:

@@ -531,12 +531,12 @@ def _(tmp):
 
 # -- soup your own checkpoints (mmsoup.own) ---------------------------------------------------------
 def _own_config(tmp: Path, **keys) -> list[str]:
-    """A soup.yaml over the two-checkpoint pool of an nn.Sequential MLP (tests.test_errors:_mlp3)."""
+    """A soup.yaml over the two-checkpoint pool of an nn.Sequential MLP (test_errors:_mlp3)."""
     import yaml
 
     _pool(tmp)
     config = {
-        "model": "tests.test_errors:_mlp3",
+        "model": "test_errors:_mlp3",
         "ingredients": ["pool/*.safetensors"],
         "held_out": "held.pt",
         "out": "soup",
@@ -565,7 +565,7 @@ def _(tmp):
 
 @case("own: keys do not match the model", "lacks '2.bias'", "pick the model the checkpoints")
 def _(tmp):
-    return _own_config(tmp, model="tests.test_errors:_mlp")
+    return _own_config(tmp, model="test_errors:_mlp")
 
 
 @case("own: unknown config key", "unknown key 'recipe'", "valid keys: model")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_own import _config, _resnet_pool
 from torch import nn
 
 from mmsoup import cli
 from mmsoup.checkpoints import load_state_dict, save_state_dict
 from mmsoup.own import inspect_pool, load_config, soup_from_config
-from tests.test_own import _config, _resnet_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,8 +93,7 @@ def test_a_tiny_bert_sequence_classifier_with_a_val_acc_callable(tmp_path):
 
 def test_inspect_flags_a_candidate_from_another_basin(tmp_path, capsys):
     from sklearn.datasets import load_digits
-
-    from tests.toy_mlp import mlp, train
+    from toy_mlp import mlp, train
 
     x, y = load_digits(return_X_y=True)
     x, y = torch.tensor(x / 16, dtype=torch.float32), torch.tensor(y)
@@ -114,7 +113,7 @@ def test_inspect_flags_a_candidate_from_another_basin(tmp_path, capsys):
     permuted |= {"2.weight": state["2.weight"][:, perm], "2.bias": state["2.bias"]}
     save_state_dict(permuted, tmp_path / "ft2.safetensors")
     torch.save({"inputs": x[1000:], "labels": y[1000:]}, tmp_path / "held_out.pt")
-    config = _config(tmp_path, model="tests.toy_mlp:mlp", model_kwargs={}, init="init.safetensors")
+    config = _config(tmp_path, model="toy_mlp:mlp", model_kwargs={}, init="init.safetensors")
     table = inspect_pool(config, progress=False).set_index("candidate")
     same = [c for c in table.index if c != "ft2.safetensors"]  # the other one of ft0, ft1
     assert len(same) == 1 and table.loc["ft2.safetensors", "collapse"]
@@ -153,7 +152,7 @@ def test_hugging_face_folders_are_found_in_the_local_cache_only(tmp_path, monkey
 def test_own_models_are_plain_modules(tmp_path):
     from mmsoup.factories import create_model
 
-    made = create_model("tests.toy_mlp:mlp")
+    made = create_model("toy_mlp:mlp")
     assert isinstance(made.module, nn.Sequential) and made.source == "python"
 
 
