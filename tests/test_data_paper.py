@@ -201,6 +201,8 @@ def test_the_soup_stage_loads_only_the_held_out_set(tmp_path: Path, monkeypatch)
     monkeypatch.setenv("MMSOUP_CACHE", str(tmp_path / "cache"))
     ctx = context("paper:n_runs=2,heldout_per_class=2")
     assert ctx.heldout.n == 6 and ctx.evaluators.loaded == ["heldout"]
+    assert ctx.heldout.amp is False  # fp32, as the references evaluate
+    assert context("paper:n_runs=2,heldout_per_class=2,bf16=1").heldout.amp is True  # opt-in
     assert list(ctx.evaluators) == ["heldout", "ImageNet", *ctx.test_sets[1:]]
     assert ctx.evaluators["ImageNetV2"].n == 6
     ctx.evaluators.release("ImageNetV2")
