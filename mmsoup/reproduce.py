@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsoup.errors import MMSoupError
-from mmsoup.io import check_writable
+from mmsoup.io import cache_root, check_writable
 
 PIPELINE = (
     "01_finetune_sweep",
@@ -142,7 +142,8 @@ def reproduce(
         done = run_notebook(name, params, run_dir / "notebooks", stream=stream)
         times[name] = time.perf_counter() - start
         if executed is not None:
-            publish(done, executed / done.name, {run_dir: f"../runs/{profile}", out: "../figures"})
+            here = {run_dir: f"../runs/{profile}", out: "../figures", notebooks_dir(): "."}
+            publish(done, executed / done.name, here | {cache_root(): "$MMSOUP_CACHE"})
         print(
             f"[{i}/{len(notebooks)}] {name} done in {times[name]:.0f} s",
             file=sys.stderr,
