@@ -42,7 +42,9 @@ def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = {_name(r): r.replace(" ", "") for r in project["dependencies"]}
     for extra in ("test", "own"):  # what `make setup` installs
-        wanted.update({_name(r): r.replace(" ", "") for r in project["optional-dependencies"][extra]})
+        wanted.update(
+            {_name(r): r.replace(" ", "") for r in project["optional-dependencies"][extra]}
+        )
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     listed = {_name(r): r.replace(" ", "") for r in pip if not r.startswith("-e")}
