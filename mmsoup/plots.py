@@ -271,19 +271,10 @@ def plot_mixing_weights(run_dir: str | os.PathLike, method: str = "MMS-C26"):
 # Why soups work (notebook 07): Soups §3.2, Figs. 2, 3, 4, B.1 and D.1, from mmsoup.analysis
 # =============================================================================================
 
-WHY_COLOURS = {  # seaborn "colorblind"
-    "blue": "#0173b2",
-    "orange": "#de8f05",
-    "green": "#029e73",
-    "red": "#d55e00",
-    "purple": "#cc78bc",
-    "brown": "#ca9161",
-    "pink": "#fbafe4",
-    "grey": "#949494",
-    "yellow": "#ece133",
-    "cyan": "#56b4e9",
-}
-_CYCLE = list(WHY_COLOURS.values())
+_CYCLE = [  # seaborn "colorblind", in its order
+    PALETTE[c]
+    for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "grey", "yellow", "cyan")
+]
 
 
 def _figure(width: float, height: float, ncols: int = 1):
@@ -317,9 +308,9 @@ def plot_error_landscape(landscape: pd.DataFrame, title: str | None = None) -> F
     fig.colorbar(cs, ax=ax, label="held-out error (%)")
     style = {
         "θ_0": ("s", "black"),
-        "θ_a": ("o", WHY_COLOURS["orange"]),
-        "θ_b": ("o", WHY_COLOURS["orange"]),
-        "average": ("*", WHY_COLOURS["red"]),
+        "θ_a": ("o", PALETTE["orange"]),
+        "θ_b": ("o", PALETTE["orange"]),
+        "average": ("*", PALETTE["red"]),
     }
     middle = 0.5 * (grid["x"].min() + grid["x"].max())
     for _, r in landscape[landscape["point"] != "grid"].iterrows():
@@ -352,7 +343,7 @@ def plot_interpolation_advantage(pairs: pd.DataFrame) -> Figure:
     if "pair_lr" in pairs:
         _lr_colours(ax, fig, pairs["pair_lr"], **kw)
     else:
-        ax.scatter(color=WHY_COLOURS["blue"], **kw)
+        ax.scatter(color=PALETTE["blue"], **kw)
     ax.axhline(0, color="#555555", linewidth=0.8)
     rho = pairs["angle"].corr(pairs["advantage"], method="spearman")
     ax.set_xlabel("angle between θ_a - θ_0 and θ_b - θ_0 (degrees)")
@@ -370,7 +361,7 @@ def plot_ensemble_vs_soup(pairs: pd.DataFrame) -> Figure:
     if has_lr:
         _lr_colours(ax, fig, pairs["pair_lr"], **kw)
     else:
-        ax.scatter(color=WHY_COLOURS["blue"], **kw)
+        ax.scatter(color=PALETTE["blue"], **kw)
     lo = float(min(pairs["soup"].min(), pairs["ensemble"].min())) - 0.5
     hi = float(max(pairs["soup"].max(), pairs["ensemble"].max())) + 0.5
     ax.plot([lo, hi], [lo, hi], color="#555555", linewidth=0.8, label="ensemble = soup")
@@ -386,7 +377,7 @@ def plot_ensemble_vs_soup(pairs: pd.DataFrame) -> Figure:
             pairs["pair_lr"],
             pairs["ensemble"] - pairs["soup"],
             s=36,
-            color=WHY_COLOURS["blue"],
+            color=PALETTE["blue"],
             edgecolors="white",
             zorder=3,
         )
@@ -402,9 +393,9 @@ def plot_random_order(curves: pd.DataFrame) -> Figure:
     panels = [("", "held-out")] + ([("_test", "test")] if "greedy_test" in curves else [])
     fig, axes = _figure(5.2 * len(panels), 4.2, ncols=len(panels))
     lines = (
-        ("best", "best individual (by held-out)", WHY_COLOURS["grey"]),
-        ("uniform", "uniform soup", WHY_COLOURS["blue"]),
-        ("greedy", "greedy soup", WHY_COLOURS["orange"]),
+        ("best", "best individual (by held-out)", PALETTE["grey"]),
+        ("uniform", "uniform soup", PALETTE["blue"]),
+        ("greedy", "greedy soup", PALETTE["orange"]),
     )
     for ax, (suffix, label) in zip(axes, panels):
         n = curves["seed"].nunique()
@@ -452,11 +443,11 @@ def plot_wise_curves(wise: pd.DataFrame, id_label: str = "ID") -> Figure:
         init["ID"], init["OOD"], marker="s", s=70, color="black", zorder=4, label="θ_0 (LP init)"
     )
     markers = {
-        "Uniform soup": ("D", WHY_COLOURS["blue"]),
-        "Greedy soup": ("*", WHY_COLOURS["orange"]),
+        "Uniform soup": ("D", PALETTE["blue"]),
+        "Greedy soup": ("*", PALETTE["orange"]),
     }
     for _, r in wise[wise["kind"] == "soup"].iterrows():
-        m, colour = markers.get(r["curve"], ("P", WHY_COLOURS["red"]))
+        m, colour = markers.get(r["curve"], ("P", PALETTE["red"]))
         ax.scatter(
             r["ID"], r["OOD"], marker=m, s=220 if m == "*" else 90, color=colour,
             edgecolors="black", zorder=5, label=r["curve"],
@@ -476,9 +467,9 @@ def plot_wise_curves(wise: pd.DataFrame, id_label: str = "ID") -> Figure:
 
 DECISION_COLOURS = {  # colourblind palette: kept / optimised but not kept / not optimised
     "start": "#000000",
-    "accepted": WHY_COLOURS["green"],
-    "rejected": WHY_COLOURS["red"],
-    "skipped": WHY_COLOURS["grey"],
+    "accepted": PALETTE["green"],
+    "rejected": PALETTE["red"],
+    "skipped": PALETTE["grey"],
 }
 
 
@@ -519,7 +510,7 @@ def plot_lp_init(val_acc_by_c: dict[str, float], chosen: float | None = None) ->
     fig, (ax,) = _figure(4.6, 3.2)
     cs = np.array([float(c) for c in val_acc_by_c])
     accs = 100 * np.array(list(val_acc_by_c.values()), dtype=float)
-    ax.plot(cs, accs, marker="o", color=WHY_COLOURS["blue"])
+    ax.plot(cs, accs, marker="o", color=PALETTE["blue"])
     if chosen is not None:
         ax.axvline(chosen, color="black", ls="--", lw=1, label=f"chosen C = {chosen:g}")
         ax.legend(frameon=False, fontsize=8)
@@ -670,7 +661,7 @@ def plot_learned_soup_loss(info: dict) -> Figure:
     steps = pd.DataFrame(info.get("steps", []))
     if steps.empty:
         return _message(fig, ax, "no training steps recorded")
-    ax.plot(np.arange(len(steps)), steps["loss"], color=WHY_COLOURS["green"], marker="o", ms=2)
+    ax.plot(np.arange(len(steps)), steps["loss"], color=PALETTE["green"], marker="o", ms=2)
     ax.set_xlabel("step (all epochs)")
     ax.set_ylabel("held-out cross-entropy")
     ax.set_title("learned soup: training the mixing coefficients", fontsize=10)
@@ -752,7 +743,7 @@ def plot_replicate_spread(rows: pd.DataFrame) -> Figure:
         ax.boxplot(data, positions=range(len(methods)), orientation="horizontal", widths=0.55,
                    showfliers=False, medianprops={"color": "black"})  # fmt: skip
         for y, x in enumerate(data):
-            ax.scatter(x, y + rng.uniform(-0.15, 0.15, len(x)), s=16, color=WHY_COLOURS["blue"],
+            ax.scatter(x, y + rng.uniform(-0.15, 0.15, len(x)), s=16, color=PALETTE["blue"],
                        alpha=0.8, zorder=3)  # fmt: skip
         ax.axvline(0, color="grey", lw=1, ls="--")
         ax.set_yticks(range(len(methods)), methods, fontsize=8)
