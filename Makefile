@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint reproduce replicates clean bench bench-gpu
+.PHONY: setup test lint reproduce figures replicates clean bench bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -20,8 +20,15 @@ lint: setup
 test: lint
 	$(BIN)/pytest
 
+# The study, its executed chapters (notebooks/executed), its results without checkpoints
+# (results/embedded) and every figure drawn from them.
 reproduce: setup
-	$(BIN)/python -m mmsoup reproduce --profile embedded --executed notebooks/executed
+	$(BIN)/python -m mmsoup reproduce --profile embedded --executed notebooks/executed --results results/embedded
+	$(BIN)/python -m mmsoup figures --results results/embedded
+
+# Every figure and table from the committed results, without re-running the study (seconds).
+figures: setup
+	$(BIN)/python -m mmsoup figures --results results/embedded
 
 # The replicate study behind the README's claims: R sweeps (seeds 0..R-1), one backbone.
 REPLICATES ?= 5

@@ -544,3 +544,47 @@ def example_images(
         idx = torch.randperm(len(labels), generator=g)[:per_set].sort().values
         out[name] = (images[idx], labels[idx])
     return out
+
+
+# -- the chapter's tables on disk: `make figures` redraws notebook 07's figures from them --------
+TABLES = ("landscape", "pairs", "random_order", "wise")
+
+
+def save_tables(
+    run_dir: str | os.PathLike, meta: Mapping | None = None, **tables: pd.DataFrame
+) -> list[Path]:
+    """Write notebook 07's tables to `run_dir/analysis/<name>.csv` (and `meta.json`: titles, labels).
+
+    These are small (a few hundred rows) and committed with the run's results, so the chapter's
+    figures can be redrawn (`mmsoup figures`) without the checkpoints.
+    """
+    from mmsoup.io import atomic_path, write_json
+
+    unknown = sorted(set(tables) - set(TABLES))
+    if unknown:
+        raise MMSoupError(
+            f"Unknown analysis table {unknown[0]!r}; the tables are {', '.join(TABLES)}."
+        )
+    folder = Path(run_dir) / "analysis"
+    paths = []
+    for name, frame in tables.items():
+        with atomic_path(folder / f"{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False)
+        paths.append(folder / f"{name}.csv")
+    if meta is not None:
+        paths.append(write_json(folder / "meta.json", dict(meta)))
+    return paths
+
+
+def load_tables(run_dir: str | os.PathLike) -> tuple[dict[str, pd.DataFrame], dict]:
+    """The tables `save_tables` wrote (those present) and their meta.json ({} when absent)."""
+    import json
+
+    folder = Path(run_dir) / "analysis"
+    tables = {
+        n: pd.read_csv(folder / f"{n}.csv") for n in TABLES if (folder / f"{n}.csv").is_file()
+    }
+    meta = (
+        json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+    )
+    return tables, meta

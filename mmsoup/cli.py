@@ -480,6 +480,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         default=None,
         help="also write the executed notebooks here, with the default paths (e.g. notebooks/executed)",
     ),
+    arg(
+        "--results",
+        type=Path,
+        default=None,
+        help="also copy the run's results without checkpoints here (e.g. results/embedded)",
+    ),
 )
 def cmd_reproduce(args: argparse.Namespace) -> None:
     """The headless study: fine-tune, soups, evaluation, Figure 2, Table 1 (README)."""
@@ -488,7 +494,13 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     from mmsoup.reproduce import reproduce
 
     check_cache(args)  # the notebooks pretrain and build the digits there
-    times = reproduce(args.profile, out=args.out, run_dir=args.run_dir, executed=args.executed)
+    times = reproduce(
+        args.profile,
+        out=args.out,
+        run_dir=args.run_dir,
+        executed=args.executed,
+        results=args.results,
+    )
     total = sum(times.values())
     for name, seconds in times.items():
         _log(f"{name:<22} {seconds:7.0f} s  ({seconds / total:5.1%})")
@@ -496,6 +508,29 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     if get_profile(args.profile).search == "random":  # a study with sweeps to replicate
         run_dir = args.run_dir or Path("runs") / args.profile
         print(compare(run_dir, args.profile, Path(args.out) / "replicates.csv"))
+
+
+@command(
+    "figures",
+    "redraw Figure 2, Table 1, the replicate figure and notebook 07's figures from committed results",
+    PROFILE,
+    arg(
+        "--results",
+        type=Path,
+        default=Path("results/embedded"),
+        help="a run's results without checkpoints (default: results/embedded, committed)",
+    ),
+    arg("--out", type=Path, default=Path("figures"), help="where figures and tables go"),
+)
+def cmd_figures(args: argparse.Namespace) -> None:
+    """`make figures`: the study's figures and tables in seconds, without re-running it."""
+    from mmsoup.reproduce import rebuild_figures
+
+    start = time.perf_counter()
+    written = rebuild_figures(args.results, args.out, args.profile)
+    for path in written:
+        print(path)
+    _log(f"{len(written)} files from {args.results} in {time.perf_counter() - start:.1f} s")
 
 
 @command(

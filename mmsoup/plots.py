@@ -755,3 +755,31 @@ def plot_replicate_spread(rows: pd.DataFrame) -> Figure:
     n = rows["replicate"].nunique()
     fig.suptitle(f"{n} replicates: dots = replicates, box = quartiles, line = median", fontsize=9)
     return fig
+
+
+def why_soups_figures(
+    tables: dict[str, pd.DataFrame], meta: dict | None = None
+) -> dict[str, Figure]:
+    """Notebook 07's figures from its saved tables (`analysis.load_tables`), by file stem."""
+    meta = meta or {}
+    figs: dict[str, Figure] = {}
+    if "landscape" in tables:
+        figs["why_soups_a_landscape"] = plot_error_landscape(
+            tables["landscape"], title=meta.get("landscape_title")
+        )
+    if "pairs" in tables:
+        figs["why_soups_b_angle"] = plot_interpolation_advantage(tables["pairs"])
+        figs["why_soups_c_ensemble_vs_soup"] = plot_ensemble_vs_soup(tables["pairs"])
+    if "random_order" in tables:
+        figs["why_soups_d_random_order"] = plot_random_order(tables["random_order"])
+    if "wise" in tables:
+        figs["why_soups_e_wise"] = plot_wise_curves(tables["wise"], meta.get("id_label", "ID"))
+    return figs
+
+
+def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 130) -> Path:
+    """Write a figure as PNG atomically, without the software tag (same figure, same bytes)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": None})
+    return path

@@ -104,13 +104,15 @@ def reproduce(
     extra: Mapping[str, Any] | None = None,
     stream: bool = True,
     executed: str | os.PathLike | None = None,
+    results: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """Run the study's notebooks in order (fine-tune, soups, evaluation, Figure 2, Table 1).
 
     Results pass between notebooks only through files in `run_dir`; figures go to `out`.
     With `executed`, each executed notebook is also written there with this machine's paths
     replaced by the notebooks' own defaults (`../runs/<profile>`, `../figures`), to be read
-    without running anything. Returns the wall time of each notebook in seconds.
+    without running anything; with `results`, the run's results without checkpoints are copied
+    there (`publish_results`). Returns the wall time of each notebook in seconds.
     """
     from mmsoup.profiles import get_profile
 
@@ -149,6 +151,9 @@ def reproduce(
             file=sys.stderr,
             flush=True,
         )
+    if results is not None:
+        here = {run_dir: f"runs/{profile}", out: "figures", cache_root(): "$MMSOUP_CACHE"}
+        publish_results(run_dir, check_writable(results, "--results"), here)
     return times
 
 
@@ -162,3 +167,94 @@ def publish(notebook: Path, dest: Path, paths: Mapping[Path, str]) -> Path:
         text = text.replace(str(path), relative)
     write_text(dest, text)
     return dest
+
+
+# What a run's results are, without its checkpoints: committed as `results/embedded` (a few
+# hundred KB) so that `mmsoup figures` redraws every figure and table from a clean clone.
+RESULT_FILES = (
+    "results/accuracy.csv",
+    "results/correct.npz",
+    "soups/summary.csv",
+    "soups/*.json",
+    "sweep/*.json",
+    "sweep/logs/*.log",
+    "analysis/*.csv",
+    "analysis/meta.json",
+    "timings.json",
+)
+
+
+def publish_results(
+    run_dir: str | os.PathLike, dest: str | os.PathLike, paths: Mapping[Path, str]
+) -> list[Path]:
+    """Copy a run's results (RESULT_FILES, no checkpoints) to `dest`, replacing it whole.
+
+    Text files get this machine's absolute paths replaced (`paths`, longest first). The copy is
+    built beside `dest` and swapped in, so an interrupted publish leaves the old results whole.
+    """
+    import shutil
+    import tempfile
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    if not (run_dir / "results" / "accuracy.csv").is_file():
+        raise MMSoupError(f"{run_dir} has no results to publish; run notebooks 01-03 first.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    order = sorted(paths.items(), key=lambda kv: -len(str(kv[0])))
+    written = []
+    try:
+        for pattern in RESULT_FILES:
+            for src in sorted(run_dir.glob(pattern)):
+                rel = src.relative_to(run_dir)
+                out = staging / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                if src.suffix in (".json", ".csv", ".log"):
+                    text = src.read_text()
+                    for path, relative in order:
+                        text = text.replace(str(path), relative)
+                    out.write_text(text)
+                else:
+                    shutil.copyfile(src, out)
+                written.append(dest / rel)
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            dest.rename(old)
+        staging.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def rebuild_figures(
+    results: str | os.PathLike, out: str | os.PathLike = "figures", profile: str = "embedded"
+) -> list[Path]:
+    """Every figure and table of the study from committed results, without re-running it.
+
+    From `results` (a run folder without checkpoints, e.g. `results/embedded`): Figure 2 and
+    Table 1 (notebooks 04, 05) and, when notebook 07 saved its tables, its five figures; from
+    `out/replicates.csv`: the replicate study's `replicates.{md,png}` (notebook 08).
+    """
+    import pandas as pd
+
+    from mmsoup import analysis, pipeline, plots, replicates
+    from mmsoup.io import write_text
+
+    results, out = Path(results), check_writable(out, "--out")
+    if not (results / "results" / "accuracy.csv").is_file():
+        raise MMSoupError(
+            f"There are no results in {results}; pass the committed results folder (e.g. results/embedded)."
+        )
+    written = [*pipeline.figure2_stage(profile, results, out)]
+    written += pipeline.table1_stage(profile, results, out)[2]
+    tables, meta = analysis.load_tables(results)
+    for stem, fig in plots.why_soups_figures(tables, meta).items():
+        written.append(plots.save_png(fig, out / f"{stem}.png"))
+    reps = out / "replicates.csv"
+    if reps.is_file():
+        rows = pd.read_csv(reps)
+        table = replicates.spread(rows)
+        written.append(write_text(out / "replicates.md", replicates.markdown(rows, table, profile)))
+        written.append(replicates.figure(rows, table, out / "replicates.png"))
+    return written

@@ -111,3 +111,19 @@ def load_results(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, np
         with np.load(npz) as z:
             correct = {k: np.asarray(z[k]) for k in z.files}
     return acc, correct
+
+
+def find_results(run_dir: str | os.PathLike, committed: str | os.PathLike | None = None) -> Path:
+    """The run folder whose results a reading chapter shows: `run_dir` when it has results,
+    else the committed results of the embedded run (`results/embedded`, no checkpoints), so
+    that chapters 04 and 05 run from a clean clone without re-running the study."""
+    run_dir = Path(run_dir)
+    if (run_dir / "results" / "accuracy.csv").is_file() or committed is None:
+        return run_dir
+    committed = Path(committed)
+    if not (committed / "results" / "accuracy.csv").is_file():
+        raise MMSoupError(
+            f"There are no results in {run_dir} nor in {committed}; run notebooks 01-03 (or `make reproduce`) first."
+        )
+    print(f"No results in {run_dir}: showing the committed results in {committed}.")
+    return committed

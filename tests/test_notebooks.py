@@ -101,6 +101,39 @@ def test_notebook_07_runs_headless_with_its_figures_and_few_stream_lines(smoke_r
     for o in outputs:
         if o["output_type"] == "stream":
             assert len(o["text"].splitlines()) <= 8, o["text"][:200]
+    # its tables are kept beside the run's results, and redraw its five figures without the models
+    from mmsoup.analysis import TABLES, load_tables
+    from mmsoup.plots import why_soups_figures
+
+    tables, meta = load_tables(smoke_run)
+    assert sorted(tables) == sorted(TABLES) and meta["landscape_title"].startswith("θ_a = ")
+    figures = why_soups_figures(tables, meta)
+    assert len(figures) == 5 and all(f.axes for f in figures.values())
+
+
+def test_chapters_04_and_05_run_from_the_committed_results_alone(tmp_path):
+    """From a clean clone (no run folder): Figure 2, Table 1 and the claims checklist."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    for name in ("replicates.csv", "replicates.md"):
+        (figures / name).write_bytes((root / "figures" / name).read_bytes())
+    for name in ("04_figure2", "05_table1"):
+        params = {
+            "profile": "embedded",
+            "run_dir": str(tmp_path / "no_run"),
+            "figures_dir": str(figures),
+            "committed": str(root / "results" / "embedded"),
+        }
+        outputs = _outputs(run_notebook(name, params, tmp_path / "out", stream=False))
+        _check_short(outputs, name)
+        text = str(outputs)
+        assert "showing the committed results" in text
+        assert "across replicates" in text and "holds" in text, name
+    assert (figures / "table1.csv").read_bytes() == (root / "figures" / "table1.csv").read_bytes()
+    assert not (tmp_path / "no_run").exists()
 
 
 def test_an_unknown_notebook_parameter_is_refused_before_running(tmp_path):
