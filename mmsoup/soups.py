@@ -652,6 +652,28 @@ def mms_steps(info: Mapping[str, Any]) -> list[tuple[int, list[float]]]:
     return steps
 
 
+def most_uneven_step(
+    info: Mapping[str, Any], over: Sequence[int] | None = None
+) -> tuple[int, float] | None:
+    """The accepted MMS step whose λ* differs most between components, and that spread.
+
+    The spread of a step is the standard deviation (population) of its λ* over the components
+    `over` (indices into the step's λ*; default: every searched component, REST, held at λ0,
+    never counts): 0 when the step mixed every component alike, as a plain average would. Returns
+    (index into `mms_steps(info)`, spread); a tie goes to the later step; None when MMS accepted
+    no candidate. This is the step the λ explorer opens on (notebook 06).
+    """
+    steps = mms_steps(info)
+    if not steps:
+        return None
+    idx = list(range(int(info["n_components"]))) if over is None else list(over)
+    if not idx:
+        raise MMSoupError("most_uneven_step needs at least one component to measure λ* over.")
+    spreads = [float(np.std([lam[j] for j in idx])) for _, lam in steps]
+    best = max(range(len(steps)), key=lambda k: (spreads[k], k))
+    return best, spreads[best]
+
+
 def wise_ft(zeroshot: Ingredient, finetuned: Ingredient, alpha: float) -> dict[str, Tensor]:
     """WiSE-FT: θ(α) = (1-α)·θ_zeroshot + α·θ_finetuned (WiSE-FT, Wortsman et al., CVPR 2022)."""
     spec = validate_pool([zeroshot, finetuned])

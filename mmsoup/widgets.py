@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -47,6 +48,10 @@ class LambdaExplorer:
                 f"λ* has {len(self.lambda_star)} entries but there are {m} components."
             )
         self.names = names
+        self.method: str | None = None  # what from_run opened: the soup, its step (1-based) of n
+        self.step: int | None = None
+        self.n_steps = 0
+        self.opened = ""  # that, in words
         self.lambdas = list(self.lambda_star)
         self.n_updates = 0
         self._accuracies = self._evaluate()
@@ -62,10 +67,14 @@ class LambdaExplorer:
 
     @classmethod
     def from_run(
-        cls, run_dir, profile: str = "embedded", method: str = "MMS-C15"
+        cls,
+        run_dir,
+        profile: str = "embedded",
+        method: str | None = None,
+        step: int | None = None,
     ) -> LambdaExplorer:
-        """An explorer over an MMS soup of a run folder (notebook 06); see `from_run`."""
-        return from_run(run_dir, profile, method)
+        """An explorer over one MMS step of a run folder (notebook 06); see `from_run`."""
+        return from_run(run_dir, profile, method, step)
 
     def set_lambdas(self, lambdas: Sequence[float]) -> dict[str, float]:
         """Set every λ (as releasing the sliders would) and return the new accuracies (%)."""
@@ -230,17 +239,27 @@ def _plot_lambda_star(
     plt.show()
 
 
-def explorer_inputs(paths, components, meta: Mapping):
-    """The default pair: Ψ before MMS's last accepted step, that step's candidate, and its λ*.
+def explorer_inputs(paths, components, meta: Mapping, step: int | None = None, over=None):
+    """The pair of one accepted MMS step: Ψ before it, its candidate θ_i, and its λ* (MMS Alg. 1).
 
-    At λ* the panel shows exactly the fused model; at λ = 1 the soup without its last ingredient.
+    `step` counts the accepted steps from 1 (a negative one from the end: -1 is the last); None
+    is the step whose λ* differs most between components (`soups.most_uneven_step`, measured over
+    the component indices `over`). At λ* the panel shows Ψ after that step, exactly: keys outside
+    `components` (REST) are mixed into Ψ at the step's λ0 beforehand. Returns (A, B, λ*,
+    (name A, name B), (step, number of steps)); with no accepted step, the best ingredient
+    against the runner-up at λ = 1 and step (None, 0).
     """
     from mmsoup.checkpoints import load_state_dict
-    from mmsoup.soups import REST, interpolate, mms_steps
+    from mmsoup.soups import REST, interpolate, mms_steps, most_uneven_step
 
     steps = mms_steps(meta["info"])
     order = meta["ingredients"]
     psi = dict(load_state_dict(paths[order[0]]))
+    if not steps and step is not None:
+        raise MMSoupError(
+            f"This MMS soup accepted no candidate, so it has no step {step}; leave step=None to "
+            "explore its best ingredient against the runner-up."
+        )
     if not steps:  # nothing was mixed in: explore the best model against the runner-up
         runner_up = sorted(range(len(paths)), key=lambda i: -meta["ingredient_val_accs"][i])[1]
         return (
@@ -248,38 +267,93 @@ def explorer_inputs(paths, components, meta: Mapping):
             load_state_dict(paths[runner_up]),
             [1.0] * len(components),
             (order[0], runner_up),
+            (None, 0),
         )
-    rest = [k for k in psi if all(k not in keys for keys in components.values())]
+    n = len(steps)
+    if step is None:
+        k = most_uneven_step(meta["info"], over)[0]
+    elif -n <= step <= n and step != 0:
+        k = step - 1 if step > 0 else n + step
+    else:
+        raise MMSoupError(
+            f"This MMS soup has {n} accepted step(s): give step 1..{n} (or -{n}..-1), not {step}."
+        )
+    rest = [key for key in psi if all(key not in keys for keys in components.values())]
     plan = {**components, **({REST: rest} if rest else {})}
-    for k, (candidate, lam) in enumerate(steps[:-1], start=1):
-        full = list(lam) + [k / (k + 1)] * (len(plan) - len(lam))
+    for j, (candidate, lam) in enumerate(steps[:k], start=1):
+        full = list(lam) + [j / (j + 1)] * (len(plan) - len(lam))
         psi = interpolate(psi, load_state_dict(paths[candidate]), plan, full)
-    candidate, lam = steps[-1]
-    return psi, load_state_dict(paths[candidate]), lam, ("fused", candidate)
+    candidate, lam = steps[k]
+    theta = load_state_dict(paths[candidate])
+    m = len(components)
+    if rest:  # REST follows λ0 in MMS; the explorer copies A's REST, so A carries the mixed one
+        lam0 = lam[m] if len(lam) > m else (k + 1) / (k + 2)
+        psi = interpolate(psi, theta, {REST: rest}, [lam0])
+    return psi, theta, list(lam[:m]), ("fused", candidate), (k + 1, n)
 
 
-def from_run(run_dir, profile: str = "embedded", method: str = "MMS-C15") -> LambdaExplorer:
-    """A λ explorer over an MMS soup of a run folder (notebook 06): sliders start at λ*."""
+def from_run(
+    run_dir,
+    profile: str = "embedded",
+    method: str | None = None,
+    step: int | None = None,
+) -> LambdaExplorer:
+    """A λ explorer over one accepted step of an MMS soup of a run folder (notebook 06).
+
+    By default it opens on the most instructive step: among the accepted steps of every MMS soup
+    in the run, the one whose λ* differs most between its live components
+    (`soups.most_uneven_step`). `method` (e.g. "MMS-C15") keeps to that soup; `step` picks the
+    step (1 = the first candidate mixed in, -1 = the last; MMS-C15 if no method is given).
+    The sliders start at λ*; `explorer.method`, `.step` and `.n_steps` say what was opened, and
+    `explorer.opened` says it in words.
+    """
     from pathlib import Path
 
     from mmsoup.checkpoints import read_sidecar
     from mmsoup.context import context, ingredient_paths
-    from mmsoup.partition import partition
-    from mmsoup.recipes import recipe
+    from mmsoup.partition import live_components, partition
+    from mmsoup.recipes import MMS_SCHEMES, recipe
+    from mmsoup.soups import most_uneven_step
 
-    file = Path(run_dir) / "soups" / recipe(method).file
-    if not file.is_file():
+    soups = Path(run_dir) / "soups"
+    if method is None and step is not None:
+        method = "MMS-C15"
+    methods = [method] if method else [n for n in MMS_SCHEMES if (soups / recipe(n).file).is_file()]
+    file = soups / recipe(method or "MMS-C15").file
+    if not methods or not file.is_file() and method is not None:
         raise MMSoupError(
             f"{file} does not exist; run notebook 02 (soups) for this run folder first."
         )
-    meta = read_sidecar(file)
     ctx = context(profile)
     model = ctx.heldout.model
-    components = partition(model.state_dict(), recipe(method).scheme, model=model)
+    found = {}  # method: (sidecar, components, live indices, (step index, spread) or None)
+    for name in methods:
+        meta = read_sidecar(soups / recipe(name).file)
+        comps = partition(model.state_dict(), recipe(name).scheme, model=model)
+        _, inert = live_components(comps, model)  # λ of an inert component changes nothing
+        over = [j for j, c in enumerate(comps) if c not in inert] or None
+        found[name] = (meta, comps, over, most_uneven_step(meta["info"], over))
+    picked = [n for n in methods if found[n][3] is not None]
+    if method is None:
+        fallback = "MMS-C15" if "MMS-C15" in found else methods[0]
+        method = max(picked, key=lambda n: found[n][3][1]) if picked else fallback
+    meta, components, over, _ = found[method]
     paths = ingredient_paths(profile, run_dir)
-    a, b, lam, (name_a, name_b) = explorer_inputs(paths, components, meta)
+    a, b, lam, (name_a, name_b), (k, n) = explorer_inputs(paths, components, meta, step, over)
     names = (
-        f"{method} before its last ingredient" if name_a == "fused" else f"model_{name_a}",
+        f"{method} before step {k} of {n}" if name_a == "fused" else f"model_{name_a}",
         f"model_{name_b}",
     )
-    return LambdaExplorer(a, b, components, ctx.evaluators, lambda_star=lam, names=names)
+    explorer = LambdaExplorer(a, b, components, ctx.evaluators, lambda_star=lam, names=names)
+    explorer.method, explorer.step, explorer.n_steps = method, k, n
+    if k is None:
+        explorer.opened = (
+            f"{method} accepted no candidate: its best ingredient against the runner-up"
+        )
+    else:
+        spread = float(np.std([lam[j] for j in over])) if over else float(np.std(lam))
+        explorer.opened = (
+            f"{method}, accepted step {k} of {n} (model_{name_b} mixed in; "
+            f"λ* standard deviation over the live components {spread:.3f})"
+        )
+    return explorer

@@ -7,6 +7,15 @@ cells from the Run menu, moves one component slider with the keyboard, waits for
 be recomputed (on release), checks they changed, saves a screenshot of the panel (also to
 $MMSOUP_SCREENSHOT when set), clicks "reset to λ*" and checks the readouts and sliders came back.
 A widget-manager error in the browser console fails the test.
+
+The executed chapters 02 and 07 (notebooks/executed/, as committed) are opened as a reader opens
+them, without running a cell: each figure in the file must be drawn on the page (the isolated
+config sets the notebook's windowingMode to "none", so every cell is in the DOM) and decoded
+(img.naturalWidth > 0), and no output may be a traceback. With $MMSOUP_SCREENSHOT_DIR set they
+save notebook_02.png and notebook_07.png there (title down to the first figure). To regenerate
+figures/notebook_02.png and figures/notebook_07.png:
+
+    MMSOUP_SCREENSHOT_DIR=figures pytest tests/test_browser.py -k executed
 """
 
 from __future__ import annotations
@@ -124,6 +133,11 @@ def jupyterlab(tmp_path_factory) -> Iterator[Lab]:
     (settings / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False})
     )
+    # attach every cell to the page at once: the default windowing leaves off-screen cells (and
+    # their figures) out of the DOM, so a long executed notebook could not be checked whole
+    tracker = home / "config/lab/user-settings/@jupyterlab/notebook-extension"
+    tracker.mkdir(parents=True)
+    (tracker / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
     env = {
         **os.environ,
         "JUPYTER_CONFIG_DIR": str(home / "config"),
@@ -331,3 +345,104 @@ def test_notebook_06_lambda_explorer_in_jupyterlab(
     """Notebook 06 over the smoke run: the panel renders, a slider moves the readouts, reset restores."""
     name = _notebook_06(jupyterlab.root, smoke_run)
     _in_browser(chromium, jupyterlab, name, tmp_path, publish=True)
+
+
+# -- the executed chapters, as a reader opens them ------------------------------------------------
+EXECUTED = ROOT / "notebooks" / "executed"
+OUTPUT_IMG = ".jp-Notebook .jp-OutputArea-output img"
+SHOT_MAX_H = 4000  # px: the tallest screenshot viewport
+SHOT_BYTES = 600_000  # a larger screenshot PNG is scaled down
+TRACEBACK = (
+    ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error'], "
+    ".jp-RenderedText[data-mime-type='application/vnd.jupyter.stderr']:has-text('Traceback')"
+)
+
+
+def _png_outputs(notebook: Path) -> int:
+    """How many image/png outputs the notebook file holds (one <img> each when rendered)."""
+    cells = json.loads(notebook.read_text())["cells"]
+    return sum("image/png" in o.get("data", {}) for c in cells for o in c.get("outputs", []))
+
+
+def _open_notebook(page, lab: Lab, name: str) -> None:
+    """Open a notebook from the file browser (no cell run) and wait for its cells to be laid out."""
+    page.goto(f"{lab.url}/lab?reset", wait_until="domcontentloaded", timeout=PAGE_MS)
+    page.locator("#jupyterlab-splash").wait_for(state="detached", timeout=PAGE_MS)
+    page.locator(".jp-DirListing-item", has_text=name).dblclick()
+    page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=PAGE_MS)
+    # the file browser closed, as a reader would, to give the notebook the page's width
+    page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").click()
+    page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").wait_for(state="detached")
+
+
+def _screenshot(page, target: Path) -> None:
+    """The notebook from its title down to its first figure, in one tall viewport, as a PNG.
+
+    The viewport grows (up to SHOT_MAX_H) until the first figure is in it; a PNG over SHOT_BYTES
+    is scaled down so the copies in figures/ stay small.
+    """
+    from PIL import Image
+
+    scroller = page.locator(".jp-NotebookPanel .jp-WindowedPanel-outer")
+    scroller.evaluate("el => el.scrollTo(0, 0)")
+    bottom = page.locator(OUTPUT_IMG).first.evaluate("i => i.getBoundingClientRect().bottom")
+    width = page.viewport_size["width"]
+    height = int(min(max(page.viewport_size["height"], bottom + 60), SHOT_MAX_H))
+    page.set_viewport_size({"width": width, "height": height})
+    scroller.evaluate("el => el.scrollTo(0, 0)")
+    page.wait_for_timeout(500)  # a settled repaint after the resize
+    target.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(target), animations="disabled")
+    scale = 1.0
+    while target.stat().st_size > SHOT_BYTES and scale > 0.3:
+        scale *= 0.85
+        with Image.open(target) as im:
+            small = im.convert("RGB").resize(
+                (round(width * scale), round(height * scale)), Image.LANCZOS
+            )
+        small.save(target, optimize=True)
+
+
+@pytest.mark.parametrize("name", ["02_soups.ipynb", "07_why_soups_work.ipynb"])
+def test_executed_chapter_opens_with_its_figures_drawn(
+    chromium, jupyterlab: Lab, name: str, tmp_path: Path
+) -> None:
+    """A reader opens the committed executed copy: every figure decodes, no output is a traceback.
+
+    With $MMSOUP_SCREENSHOT_DIR set, the view (title and first figure) is saved there as
+    notebook_<NN>.png (the copies in figures/ come from this).
+    """
+    expected = _png_outputs(EXECUTED / name)
+    assert expected > 0, f"the executed {name} holds no figure"
+    shutil.copyfile(EXECUTED / name, jupyterlab.root / name)
+    context = chromium.new_context(viewport={"width": 1400, "height": 2400})
+    context.set_default_timeout(30_000)
+    page = context.new_page()
+    try:
+        _open_notebook(page, jupyterlab, name)
+        images = page.locator(OUTPUT_IMG)
+        page.wait_for_function(
+            "([sel, n]) => document.querySelectorAll(sel).length >= n",
+            arg=[OUTPUT_IMG, expected],
+            timeout=PAGE_MS,
+        )
+        assert images.count() == expected, f"{images.count()} figures shown, {expected} in {name}"
+        page.wait_for_function(
+            "sel => [...document.querySelectorAll(sel)].every(i => i.complete)",
+            arg=OUTPUT_IMG,
+            timeout=PAGE_MS,
+        )
+        widths = images.evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+        assert all(w > 0 for w in widths), f"figures of {name} that did not decode: {widths}"
+        errors = page.locator(TRACEBACK)
+        assert not errors.count(), f"{name} shows an error:\n{errors.first.inner_text()[-3000:]}"
+        if shots := os.environ.get("MMSOUP_SCREENSHOT_DIR"):
+            _screenshot(page, Path(shots) / f"notebook_{name[:2]}.png")
+    except BaseException:
+        page.screenshot(path=str(tmp_path / "failure.png"))
+        print(
+            f"failure screenshot: {tmp_path / 'failure.png'}\nJupyterLab log:\n{jupyterlab.log_tail()}"
+        )
+        raise
+    finally:
+        context.close()

@@ -86,6 +86,7 @@ def test_notebook_06_runs_headless_and_reports_readouts(smoke_run, tmp_path):
         stream=False,
     )
     assert "heldout" in out.read_text()  # the readouts table was displayed
+    assert "accepted" in out.read_text()  # the line saying which soup and step it opened on
 
 
 def test_notebook_07_runs_headless_with_its_figures_and_few_stream_lines(smoke_run, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +71,80 @@ def test_bad_lambdas_are_one_clear_error(explorer):
         explorer.set_lambdas([1.5, 0.0, 0.0])
     with pytest.raises(MMSoupError, match="one per component"):
         explorer.set_lambdas([0.5])
+
+
+# -- which MMS step the explorer opens on (a real pool: small MLPs fine-tuned on sklearn digits) --
+@pytest.fixture(scope="module")
+def digits_mms(tmp_path_factory):
+    """Six fine-tunes of one init saved as files, their held-out evaluator and their MMS soup."""
+    from sklearn.datasets import load_digits
+    from toy_mlp import COMPS, mlp, train
+
+    from mmsoup.checkpoints import save_state_dict
+    from mmsoup.soups import manifold_mixing_soup
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    init = train(mlp(), x[:1200], y[:1200], seed=100, lr=0.05, steps=40)
+    folder = tmp_path_factory.mktemp("digits_pool")
+    paths = []
+    for seed, (lr, steps) in enumerate(
+        [(0.05, 40), (0.1, 30), (0.03, 60), (0.08, 40), (0.05, 25), (0.1, 50)]
+    ):
+        model = mlp()
+        model.load_state_dict(init)
+        paths.append(folder / f"model_{seed}.safetensors")
+        save_state_dict(train(model, x[:1200], y[:1200], seed, lr, steps), paths[-1])
+    ev = Evaluator(mlp(), x[1500:], y[1500:], device="cpu")
+    # τ = 0: every candidate is optimised, so MMS accepts two (one of them at λ0 for all)
+    res = manifold_mixing_soup(paths, ev, COMPS, tau=0.0, budget=60, progress=False)
+    meta = {
+        "info": res.info,
+        "ingredients": res.ingredients,
+        "ingredient_val_accs": res.ingredient_val_accs,
+    }
+    return {"paths": paths, "ev": ev, "comps": COMPS, "meta": meta}
+
+
+def test_the_explorer_opens_on_the_step_whose_lambda_star_differs_most_between_components(
+    digits_mms,
+):
+    from mmsoup.soups import mms_steps, most_uneven_step
+    from mmsoup.widgets import explorer_inputs
+
+    d = digits_mms
+    info = d["meta"]["info"]
+    steps = mms_steps(info)
+    assert len(steps) >= 2, "the pool should give MMS more than one accepted step to choose from"
+    m = len(d["comps"])
+    spreads = [float(np.std(lam[:m])) for _, lam in steps]  # REST (λ0, last) does not count
+    k, spread = most_uneven_step(info)
+    assert spread == max(spreads) and spreads[k] == spread and spread > 0
+    assert k < len(steps) - 1, "here the last step mixed every component alike: not shown first"
+    assert most_uneven_step(info, over=[0]) == (len(steps) - 1, 0.0)  # one λ: a tie, the later
+
+    a, b, lam, names, (step, n) = explorer_inputs(d["paths"], d["comps"], d["meta"])
+    assert (step, n) == (k + 1, len(steps)) and names == ("fused", steps[k][0])
+    assert lam == steps[k][1][:m]
+    explorer = LambdaExplorer(a, b, d["comps"], {"heldout": d["ev"]}, lambda_star=lam)
+    accepted = [x for x in info["decisions"] if x["decision"] == "accepted"]
+    # at λ* the panel shows Ψ after that step, exactly (its REST mixed at λ0 as MMS did)
+    assert explorer.readouts()["accuracy"][0] == pytest.approx(100 * accepted[k]["best_acc"])
+
+
+def test_another_step_can_still_be_chosen_and_a_wrong_one_is_one_clear_error(digits_mms):
+    from mmsoup.soups import mms_steps
+    from mmsoup.widgets import explorer_inputs
+
+    d = digits_mms
+    steps = mms_steps(d["meta"]["info"])
+    accepted = [x for x in d["meta"]["info"]["decisions"] if x["decision"] == "accepted"]
+    for step in (1, -1):
+        a, b, lam, names, (k, n) = explorer_inputs(d["paths"], d["comps"], d["meta"], step)
+        assert k == (1 if step == 1 else len(steps)) and names[1] == steps[k - 1][0]
+        explorer = LambdaExplorer(a, b, d["comps"], {"heldout": d["ev"]}, lambda_star=lam)
+        assert explorer.readouts()["accuracy"][0] == pytest.approx(
+            100 * accepted[k - 1]["best_acc"]
+        )
+    with pytest.raises(MMSoupError, match="accepted step"):
+        explorer_inputs(d["paths"], d["comps"], d["meta"], len(steps) + 1)
