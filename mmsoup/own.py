@@ -317,11 +317,6 @@ def open_pool(
     return Pool(cfg, model, cfg.ingredients, ev, images[:1])
 
 
-def _with_buffers(state: dict[str, Tensor], best: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """`state` completed with the best ingredient's non-floating buffers, in the model's key order."""
-    return {k: state[k] if k in state else v.clone() for k, v in best.items()}
-
-
 def _finish_bn(pool: Pool, result: SoupResult) -> None:
     """Recompute the soup's BatchNorm statistics on the held-out batches (mode final/each)."""
     ev, keys = pool.evaluator, bn_statistics(pool.model)
@@ -356,7 +351,6 @@ def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
     bar = tqdm(ings, desc="ingredients", disable=not progress)
     accs = [scorer.state(open_ingredient(p), i, "ingredient") for i, p in enumerate(bar)]
     best = int(np.argmax(accs))  # the first of equal maxima, as best_first
-    best_state = open_ingredient(ings[best])
     needs_parts = {"mms", "learned"} & set(cfg.recipes)
     comps = (
         partition(pool.model, cfg.partition, example_input=pool.example_input)
@@ -392,7 +386,6 @@ def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
                 progress=progress,
                 **cfg.learned,
             )
-            res.state_dict = _with_buffers(res.state_dict, best_state)
         else:
             make = soups.greedy_ensemble if recipe == "greedy_ensemble" else soups.logit_ensemble
             out[recipe] = make(ings, pool.evaluator)
