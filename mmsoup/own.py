@@ -231,11 +231,13 @@ class RecalibratingEvaluator(Evaluator):
     evaluation, so each candidate soup is scored with the statistics of its own weights."""
 
     seconds = 0.0  # time spent recalibrating
+    calls = 0  # recalibrations done
 
     def _recalibrate(self) -> None:
         t0 = time.perf_counter()
         recalibrate(self)
         self.seconds += time.perf_counter() - t0
+        self.calls += 1
 
     def accuracy(self) -> float:
         self._recalibrate()
@@ -317,8 +319,15 @@ def open_pool(
     return Pool(cfg, model, cfg.ingredients, ev, images[:1])
 
 
-def _finish_bn(pool: Pool, result: SoupResult) -> None:
-    """Recompute the soup's BatchNorm statistics on the held-out batches (mode final/each)."""
+def _bn_spent(pool: Pool) -> tuple[float, int]:
+    """Seconds and number of recalibrations the pool's evaluator has done so far (mode each)."""
+    ev = pool.evaluator
+    return (ev.seconds, ev.calls) if isinstance(ev, RecalibratingEvaluator) else (0.0, 0)
+
+
+def _finish_bn(pool: Pool, result: SoupResult, since: tuple[float, int] = (0.0, 0)) -> None:
+    """Recompute the soup's BatchNorm statistics on the held-out batches (mode final/each);
+    `since`: `_bn_spent` when the recipe started, so each soup records only its own search's cost."""
     ev, keys = pool.evaluator, bn_statistics(pool.model)
     if pool.config.bn_recalibration == "none" or ev is None or not keys:
         return
@@ -336,7 +345,8 @@ def _finish_bn(pool: Pool, result: SoupResult) -> None:
         "acc_mixed_statistics": before,
         "acc_recalibrated": after,
         "seconds_final": seconds,
-        "seconds_during_search": getattr(ev, "seconds", 0.0),
+        "seconds_during_search": _bn_spent(pool)[0] - since[0],
+        "recalibrations_during_search": _bn_spent(pool)[1] - since[1],
     }
     result.val_acc = after
 
@@ -358,7 +368,11 @@ def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
         else None
     )
     out: dict[str, Any] = {"ingredient_val_accs": accs, "ingredient_evals": n, "partition": comps}
+    if isinstance(pool.evaluator, RecalibratingEvaluator):  # mode each: ranking's share
+        spent = _bn_spent(pool)
+        out["ingredient_bn_recalibration"] = {"seconds": spent[0], "recalibrations": spent[1]}
     for recipe in cfg.recipes:
+        since = _bn_spent(pool)
         if recipe == "uniform":
             t0 = time.perf_counter()
             state = soups.uniform_soup(ings, buffers_from=best)
@@ -393,7 +407,7 @@ def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
         if isinstance(res, SoupResult):
             order = pool.model.state_dict()  # the model's key order, whatever the files' order
             res.state_dict = {k: res.state_dict[k] for k in order}
-            _finish_bn(pool, res)
+            _finish_bn(pool, res, since)
         out[recipe] = res
     return out
 
