@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from mmsoup.checkpoints import (
     KEY_ORDER,
+    RenamedCheckpoint,
     library_versions,
     load_state_dict,
     open_ingredient,
@@ -259,6 +260,7 @@ class Pool:
     ingredients: list[str]
     val_acc: Callable[[Mapping[str, Tensor]], float]  # an Evaluator unless given from Python
     example_input: Tensor | None
+    file_keys: dict[str, str] | None = None  # file key -> model key, when the files' names differ
 
     @property
     def evaluator(self) -> Evaluator | None:
@@ -305,9 +307,10 @@ def open_pool(
         raise MMSoupError(f"Config {cfg.source}: init {cfg.init} does not exist; check the path.")
     built = create_model(cfg.model, image_size=cfg.image_size, **cfg.model_kwargs)
     model = built.module
-    _check_fits(model, cfg.ingredients[0], cfg)
+    ings, file_keys = _under_model_keys(cfg.ingredients, built.checkpoint_keys)
+    _check_fits(model, ings[0], cfg)
     if val_acc is not None:
-        return Pool(cfg, model, cfg.ingredients, val_acc, None)
+        return Pool(cfg, model, ings, val_acc, None, file_keys)
     if cfg.held_out is None:
         raise MMSoupError(
             f"Config {cfg.source} lacks 'held_out'; add an ImageFolder or tensor file (or pass val_acc from Python)."
@@ -316,7 +319,19 @@ def open_pool(
     recal = cfg.bn_recalibration == "each" and bn_statistics(model)
     kind = RecalibratingEvaluator if recal else Evaluator
     ev = kind(model, images, labels, device=cfg.device, batch_size=cfg.batch_size)
-    return Pool(cfg, model, cfg.ingredients, ev, images[:1])
+    return Pool(cfg, model, ings, ev, images[:1], file_keys)
+
+
+def _under_model_keys(
+    paths: list[str], rename: Mapping[str, str] | None
+) -> tuple[list, dict[str, str] | None]:
+    """The checkpoints under the model's key names. Files saved by transformers >= 5 may name
+    tensors otherwise than its modules do (`Model.checkpoint_keys`): they are renamed on opening,
+    and the returned {file key: model key} renames the soups back when they are written."""
+    renamed = {k: v for k, v in (rename or {}).items() if k != v}
+    if not renamed or not renamed.keys() & open_ingredient(paths[0]).keys():
+        return list(paths), None  # the files hold the module's own names
+    return [RenamedCheckpoint(p, rename) for p in paths], dict(rename)
 
 
 def _bn_spent(pool: Pool) -> tuple[float, int]:
@@ -454,6 +469,9 @@ def soup_from_config(
     for recipe in cfg.recipes:
         res = results[recipe]
         if isinstance(res, SoupResult):
+            if pool.file_keys:  # the soup under the checkpoints' own names, as they were saved
+                back = {m: f for f, m in pool.file_keys.items()}
+                res.state_dict = {back.get(k, k): v for k, v in res.state_dict.items()}
             files[recipe] = _write(res, out / recipe, shard_size)
         else:
             files[recipe] = res.save(out / f"{recipe}.json")
@@ -618,7 +636,13 @@ def inspect_pool(
     theta_b = open_ingredient(ings[best])
     floats = [k for k, v in theta_b.items() if v.is_floating_point()]  # integer buffers: θ_best's
     line = {ALL: floats}
-    init = load_state_dict(cfg.init) if cfg.init is not None else None
+    init = None
+    if cfg.init is not None:
+        init = (
+            RenamedCheckpoint(cfg.init, pool.file_keys).open()
+            if pool.file_keys
+            else load_state_dict(cfg.init)
+        )
     if init is not None:
         d_best = {k: theta_b[k].double() - init[k].double() for k in floats}
         norm_b = math.sqrt(sum(float(v.square().sum()) for v in d_best.values()))

@@ -102,11 +102,23 @@ def _resnet_config(tf):
     )  # fmt: skip
 
 
-def _hf_runs(tf, root: Path, n: int = 3) -> list[Path]:
-    """n differently perturbed copies of one tiny ResNet classifier, each a save_pretrained folder
-    with an image processor's preprocessor_config.json (resize to 32x32, normalise)."""
+def _vit_config(tf):
+    """A tiny transformers ViT image classifier (transformers >= 5 saves it under other key names
+    than its modules': `attention.attention.key` for `attention.k_proj`)."""
+    return tf.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8, num_labels=3, architectures=["ViTForImageClassification"],
+    )  # fmt: skip
+
+
+def _hf_runs(tf, root: Path, n: int = 3, vit: bool = False) -> list[Path]:
+    """n differently perturbed copies of one tiny ResNet (or ViT) classifier, each a
+    save_pretrained folder with an image processor's preprocessor_config.json (32x32, normalised)."""
     torch.manual_seed(0)
-    base = tf.ResNetForImageClassification(_resnet_config(tf))
+    if vit:
+        base = tf.ViTForImageClassification(_vit_config(tf))
+    else:
+        base = tf.ResNetForImageClassification(_resnet_config(tf))
     init = {k: v.clone() for k, v in base.state_dict().items()}
     processor = tf.ViTImageProcessor(size={"height": 32, "width": 32})
     folders = []
@@ -172,6 +184,53 @@ def test_a_hugging_face_image_classifier_pool_with_its_image_processor(tmp_path)
     card = (out / "MODEL_CARD.md").read_text()
     for i, a in enumerate(accs):
         assert f"| {i} | run{i} | {a:.4f} |" in card
+
+
+def test_a_hugging_face_vit_saved_under_transformers_names_soups_and_reloads(tmp_path):
+    tf = pytest.importorskip("transformers")
+    from PIL import Image
+
+    items = _image_folder(tmp_path / "held_out")
+    runs = _hf_runs(tf, tmp_path, vit=True)
+    module_keys = list(tf.ViTForImageClassification(_vit_config(tf)).state_dict())
+    file_keys = list(load_state_dict(runs[0]))
+    renamed = set(file_keys) - set(module_keys)
+    if not renamed:
+        pytest.skip("this transformers saves ViT under its modules' names")
+    config = _config(
+        tmp_path,
+        model="./run0",
+        model_kwargs={},
+        ingredients=["run*"],
+        held_out="held_out",
+        recipes=["uniform", "greedy", "mms"],
+        partition="blocks:4+live",
+    )
+    res = soup_from_config(config, progress=False)
+    assert len(res["partition"]) == 4  # stem, 2 layers, head: the model's own names
+    processor = tf.AutoImageProcessor.from_pretrained(runs[0])
+    pixels = processor(
+        images=[Image.open(p).convert("RGB") for p, _ in items], return_tensors="pt"
+    )["pixel_values"]
+    labels = [label for _, label in items]
+
+    def reloaded_acc(folder: Path) -> float:  # transformers' own loading, its own renaming
+        model = tf.ViTForImageClassification.from_pretrained(folder).eval()
+        with torch.no_grad():
+            return _accuracy(model(pixel_values=pixels).logits, labels)
+
+    assert res["ingredient_val_accs"] == [reloaded_acc(run) for run in runs]
+    for recipe in ("uniform", "greedy"):
+        soup = load_state_dict(tmp_path / "soup" / f"{recipe}.safetensors")
+        assert set(soup) == set(file_keys)  # written under the checkpoints' names
+        folder = tmp_path / f"reload-{recipe}"
+        folder.mkdir()
+        (folder / "config.json").write_bytes((runs[0] / "config.json").read_bytes())
+        save_state_dict(soup, folder / "model.safetensors")
+        assert reloaded_acc(folder) == res[recipe].val_acc
+    mean = sum(load_state_dict(run)["classifier.weight"] for run in runs) / 3
+    uniform = load_state_dict(tmp_path / "soup" / "uniform.safetensors")
+    assert torch.allclose(uniform["classifier.weight"], mean, atol=1e-6)
 
 
 def _git_blob_sha1(data: bytes) -> str:
