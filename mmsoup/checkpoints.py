@@ -221,10 +221,33 @@ def ingredient_name(ingredient: Ingredient, index: int) -> str:
     )
 
 
+class RenamedCheckpoint(os.PathLike):
+    """A checkpoint file whose keys are renamed when it is opened (`rename`: file key -> model
+    key; other keys as they are), e.g. a transformers folder saved with the names transformers
+    >= 5 converts on load. It is a path everywhere else (its name, its sidecar)."""
+
+    def __init__(self, path: str | os.PathLike, rename: Mapping[str, str]) -> None:
+        self.path, self.rename = Path(path), dict(rename)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    __str__ = __fspath__
+
+    def __repr__(self) -> str:
+        return f"RenamedCheckpoint({str(self.path)!r}, {len(self.rename)} keys)"
+
+    def open(self) -> dict[str, torch.Tensor]:
+        """The state dict under the model's names, in the file's order (memory-mapped)."""
+        return {self.rename.get(k, k): v for k, v in load_state_dict(self.path).items()}
+
+
 def open_ingredient(ingredient: Ingredient) -> StateDict:
     """The state dict of an ingredient: as given if in memory, else loaded lazily (memory-mapped)."""
     if isinstance(ingredient, Mapping):
         return ingredient
+    if isinstance(ingredient, RenamedCheckpoint):
+        return ingredient.open()
     return load_state_dict(ingredient)
 
 

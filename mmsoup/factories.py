@@ -29,6 +29,9 @@ class Model:
     module: nn.Module
     transform: Callable[[Any], Any] | None
     source: str  # "open_clip", "timm", "torchvision", "transformers" or "python"
+    # saved key -> module key, where the library renames keys between its files and its modules
+    # (transformers >= 5: ViT's saved `attention.attention.key` is the module's `attention.k_proj`)
+    checkpoint_keys: dict[str, str] | None = None
 
 
 def _hub_folder(repo_id: str) -> Path:
@@ -67,7 +70,35 @@ def _transformers(folder: Path, **kwargs: Any) -> Model:
         def transform(img):
             return processor(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
-    return Model(module, transform, "transformers")
+    return Model(module, transform, "transformers", _saved_keys(module))
+
+
+def _saved_keys(module: nn.Module) -> dict[str, str] | None:
+    """How transformers names the module's tensors in the files it saves, {saved key: module key}:
+    transformers >= 5 renames some architectures' keys on load and back in save_pretrained. None
+    when the names agree, or when the conversion is not a renaming of single tensors (then the
+    checkpoints must hold the module's own keys)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5: the files hold the module's keys
+        return None
+    state = module.state_dict()
+    saved = revert_weight_conversion(module, dict(state))
+    if saved.keys() == state.keys():
+        return None
+    owners: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        owners.setdefault(id(tensor), []).append(key)
+    mapping = {}
+    for key, tensor in saved.items():
+        found = owners.get(id(tensor), [])
+        if key in found:  # tied weights: each name stays its own
+            mapping[key] = key
+        elif len(found) == 1:
+            mapping[key] = found[0]
+        else:  # merged, split or transformed tensors: not a renaming
+            return None
+    return mapping if sorted(mapping.values()) == sorted(state) else None
 
 
 def _timm_transform(module: nn.Module, image_size: int | None) -> Callable[[Any], Any]:

@@ -18,6 +18,7 @@ from torch import nn
 
 from mmsoup.checkpoints import Ingredient, iter_ingredients, library_versions, validate_pool
 from mmsoup.errors import MMSoupError
+from mmsoup.mixing import mix_from_weights
 from mmsoup.partition import validate_partition
 from mmsoup.progress import tqdm
 from mmsoup.result import REST, Scorer, SoupResult, ranked
@@ -91,7 +92,11 @@ def soup_gradient(
     weights = torch.softmax(alpha.detach(), dim=1)
     mixed = mix(ingredients, components, weights, device=device, fixed=fixed)
     comp = _component_index(components)
-    leaves = {k: v.requires_grad_(k in comp) for k, v in mixed.items()}
+    # buffers (BatchNorm running statistics) are mixed with their component's weights but are not
+    # differentiable: the gradient comes through the parameters
+    buffers = {name for name, _ in model.named_buffers()}
+    wrt_keys = [k for k in comp if k not in buffers]
+    leaves = {k: v.requires_grad_(k in comp and k not in buffers) for k, v in mixed.items()}
     scale = None if temperature is None else temperature.detach().to(device).requires_grad_(True)
     model_was_training = model.training
     model.eval()
@@ -100,12 +105,12 @@ def soup_gradient(
             logits = _logits(model, leaves, images).float()
             logits = logits if project is None else project(logits)
             loss = F.cross_entropy(logits if scale is None else scale * logits, labels)
-            wrt = [leaves[k] for k in comp] + ([scale] if scale is not None else [])
+            wrt = [leaves[k] for k in wrt_keys] + ([scale] if scale is not None else [])
             grads = torch.autograd.grad(loss, wrt)
     finally:
         model.train(model_was_training)
     del leaves, mixed  # the mixture is no longer needed: keep one model's worth of gradients
-    grad_w = dict(zip(comp, grads[: len(comp)]))
+    grad_w = dict(zip(wrt_keys, grads[: len(wrt_keys)]))
     comp_ids = torch.tensor([comp[k] for k in grad_w], device=device)
 
     # dots[j, i] = <dL/dW_j, theta_i^j>, one streamed ingredient at a time. Multiply, then sum
@@ -144,7 +149,10 @@ def learned_soup(
     `evaluator` is an mmsoup Evaluator: its `.model`, `.images`, `.labels`, `.preprocess` are the
     held-out set the coefficients are trained on; calling it gives an accuracy. Each ingredient's
     own accuracy is computed once (unless given) to rank them; `trace` has one row per evaluation,
-    `info["steps"]` one row per training step.
+    `info["steps"]` one row per training step. The soup's state dict is complete, as every recipe's:
+    non-floating buffers (`num_batches_tracked`) are the best ingredient's, never averaged; floating
+    buffers (BatchNorm running statistics) follow their component's coefficients without a
+    gradient of their own.
     """
     spec = validate_pool(ingredients)
     validate_partition(components, spec.keys(), complete=False)
@@ -159,8 +167,9 @@ def learned_soup(
     preprocess = getattr(evaluator, "preprocess", None) or (lambda x: x)
     project = getattr(evaluator, "projection", None)  # e.g. a class subset of the held-out set
     model = evaluator.model
-    # keys in no component stay at the uniform average: mix them once, not at every step
-    uncovered = [k for k in spec if k not in _component_index(components)]
+    # floating keys in no component stay at the uniform average: mix them once, not at every step
+    covered = _component_index(components)
+    uncovered = [k for k, (_, dt) in spec.items() if dt.is_floating_point and k not in covered]
     fixed = {
         k: v
         for k, v in mix(ingredients, {}, torch.empty(0, n), device=evaluator.device).items()
@@ -195,15 +204,18 @@ def learned_soup(
     bar.close()
 
     weights = torch.softmax(alpha.detach(), dim=1)
-    state = mix(ingredients, components, weights, dtype=None)
+    coefs = {name: weights[j].tolist() for j, name in enumerate(components)}
+    coefs |= {REST: [1.0 / n] * n} if uncovered else {}  # uncovered: uniform
+    # the complete state dict, rebuilt from the coefficients as any soup is: integer buffers
+    # (num_batches_tracked, ...) are the best ingredient's, never averaged
+    state = mix_from_weights(ingredients, components, coefs, buffers_from=best_first[0])
     val_acc = scorer.state(state, -1, "final")
     epoch_loss = [sum(r["loss"] for r in log if r["epoch"] == e) / steps for e in range(epochs)]
-    coefs = {name: weights[j].tolist() for j, name in enumerate(components)}
     return SoupResult(
         state_dict=state,
         val_acc=val_acc,
         ingredients=best_first,  # all mixed at once
-        weights=coefs | ({REST: [1.0 / n] * n} if uncovered else {}),  # uncovered: uniform
+        weights=coefs,
         n_evals=len(scorer.trace),
         trace=scorer.trace,
         ingredient_val_accs=accs,

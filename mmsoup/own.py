@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from mmsoup.checkpoints import (
     KEY_ORDER,
-    library_versions,
+    RenamedCheckpoint,
     load_state_dict,
     open_ingredient,
     provenance,
@@ -43,6 +43,7 @@ from mmsoup.evaluate import Evaluator
 from mmsoup.factories import create_model
 from mmsoup.io import atomic_path, check_writable, write_json, write_text
 from mmsoup.mixing import interpolate
+from mmsoup.model_card import model_card
 from mmsoup.progress import tqdm
 from mmsoup.result import ALL, Scorer, SoupResult
 
@@ -231,11 +232,13 @@ class RecalibratingEvaluator(Evaluator):
     evaluation, so each candidate soup is scored with the statistics of its own weights."""
 
     seconds = 0.0  # time spent recalibrating
+    calls = 0  # recalibrations done
 
     def _recalibrate(self) -> None:
         t0 = time.perf_counter()
         recalibrate(self)
         self.seconds += time.perf_counter() - t0
+        self.calls += 1
 
     def accuracy(self) -> float:
         self._recalibrate()
@@ -257,6 +260,7 @@ class Pool:
     ingredients: list[str]
     val_acc: Callable[[Mapping[str, Tensor]], float]  # an Evaluator unless given from Python
     example_input: Tensor | None
+    file_keys: dict[str, str] | None = None  # file key -> model key, when the files' names differ
 
     @property
     def evaluator(self) -> Evaluator | None:
@@ -303,9 +307,10 @@ def open_pool(
         raise MMSoupError(f"Config {cfg.source}: init {cfg.init} does not exist; check the path.")
     built = create_model(cfg.model, image_size=cfg.image_size, **cfg.model_kwargs)
     model = built.module
-    _check_fits(model, cfg.ingredients[0], cfg)
+    ings, file_keys = _under_model_keys(cfg.ingredients, built.checkpoint_keys)
+    _check_fits(model, ings[0], cfg)
     if val_acc is not None:
-        return Pool(cfg, model, cfg.ingredients, val_acc, None)
+        return Pool(cfg, model, ings, val_acc, None, file_keys)
     if cfg.held_out is None:
         raise MMSoupError(
             f"Config {cfg.source} lacks 'held_out'; add an ImageFolder or tensor file (or pass val_acc from Python)."
@@ -314,16 +319,30 @@ def open_pool(
     recal = cfg.bn_recalibration == "each" and bn_statistics(model)
     kind = RecalibratingEvaluator if recal else Evaluator
     ev = kind(model, images, labels, device=cfg.device, batch_size=cfg.batch_size)
-    return Pool(cfg, model, cfg.ingredients, ev, images[:1])
+    return Pool(cfg, model, ings, ev, images[:1], file_keys)
 
 
-def _with_buffers(state: dict[str, Tensor], best: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """`state` completed with the best ingredient's non-floating buffers, in the model's key order."""
-    return {k: state[k] if k in state else v.clone() for k, v in best.items()}
+def _under_model_keys(
+    paths: list[str], rename: Mapping[str, str] | None
+) -> tuple[list, dict[str, str] | None]:
+    """The checkpoints under the model's key names. Files saved by transformers >= 5 may name
+    tensors otherwise than its modules do (`Model.checkpoint_keys`): they are renamed on opening,
+    and the returned {file key: model key} renames the soups back when they are written."""
+    renamed = {k: v for k, v in (rename or {}).items() if k != v}
+    if not renamed or not renamed.keys() & open_ingredient(paths[0]).keys():
+        return list(paths), None  # the files hold the module's own names
+    return [RenamedCheckpoint(p, rename) for p in paths], dict(rename)
 
 
-def _finish_bn(pool: Pool, result: SoupResult) -> None:
-    """Recompute the soup's BatchNorm statistics on the held-out batches (mode final/each)."""
+def _bn_spent(pool: Pool) -> tuple[float, int]:
+    """Seconds and number of recalibrations the pool's evaluator has done so far (mode each)."""
+    ev = pool.evaluator
+    return (ev.seconds, ev.calls) if isinstance(ev, RecalibratingEvaluator) else (0.0, 0)
+
+
+def _finish_bn(pool: Pool, result: SoupResult, since: tuple[float, int] = (0.0, 0)) -> None:
+    """Recompute the soup's BatchNorm statistics on the held-out batches (mode final/each);
+    `since`: `_bn_spent` when the recipe started, so each soup records only its own search's cost."""
     ev, keys = pool.evaluator, bn_statistics(pool.model)
     if pool.config.bn_recalibration == "none" or ev is None or not keys:
         return
@@ -341,7 +360,8 @@ def _finish_bn(pool: Pool, result: SoupResult) -> None:
         "acc_mixed_statistics": before,
         "acc_recalibrated": after,
         "seconds_final": seconds,
-        "seconds_during_search": getattr(ev, "seconds", 0.0),
+        "seconds_during_search": _bn_spent(pool)[0] - since[0],
+        "recalibrations_during_search": _bn_spent(pool)[1] - since[1],
     }
     result.val_acc = after
 
@@ -356,7 +376,6 @@ def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
     bar = tqdm(ings, desc="ingredients", disable=not progress)
     accs = [scorer.state(open_ingredient(p), i, "ingredient") for i, p in enumerate(bar)]
     best = int(np.argmax(accs))  # the first of equal maxima, as best_first
-    best_state = open_ingredient(ings[best])
     needs_parts = {"mms", "learned"} & set(cfg.recipes)
     comps = (
         partition(pool.model, cfg.partition, example_input=pool.example_input)
@@ -364,7 +383,11 @@ def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
         else None
     )
     out: dict[str, Any] = {"ingredient_val_accs": accs, "ingredient_evals": n, "partition": comps}
+    if isinstance(pool.evaluator, RecalibratingEvaluator):  # mode each: ranking's share
+        spent = _bn_spent(pool)
+        out["ingredient_bn_recalibration"] = {"seconds": spent[0], "recalibrations": spent[1]}
     for recipe in cfg.recipes:
+        since = _bn_spent(pool)
         if recipe == "uniform":
             t0 = time.perf_counter()
             state = soups.uniform_soup(ings, buffers_from=best)
@@ -392,7 +415,6 @@ def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
                 progress=progress,
                 **cfg.learned,
             )
-            res.state_dict = _with_buffers(res.state_dict, best_state)
         else:
             make = soups.greedy_ensemble if recipe == "greedy_ensemble" else soups.logit_ensemble
             out[recipe] = make(ings, pool.evaluator)
@@ -400,7 +422,7 @@ def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
         if isinstance(res, SoupResult):
             order = pool.model.state_dict()  # the model's key order, whatever the files' order
             res.state_dict = {k: res.state_dict[k] for k in order}
-            _finish_bn(pool, res)
+            _finish_bn(pool, res, since)
         out[recipe] = res
     return out
 
@@ -447,6 +469,9 @@ def soup_from_config(
     for recipe in cfg.recipes:
         res = results[recipe]
         if isinstance(res, SoupResult):
+            if pool.file_keys:  # the soup under the checkpoints' own names, as they were saved
+                back = {m: f for f, m in pool.file_keys.items()}
+                res.state_dict = {back.get(k, k): v for k, v in res.state_dict.items()}
             files[recipe] = _write(res, out / recipe, shard_size)
         else:
             files[recipe] = res.save(out / f"{recipe}.json")
@@ -465,130 +490,6 @@ def _shard_size(value: str | int | None) -> str | int | None:
         return value if isinstance(value, int) else parse_size_to_int(str(value))
     except ValueError as e:
         raise MMSoupError(f"shard_size {value!r} is not a size; use e.g. '500MB' or '2GB'.") from e
-
-
-# -- the model card --------------------------------------------------------------------------------
-def _table(df: pd.DataFrame) -> str:
-    """A Markdown table (no optional tabulate dependency)."""
-    cols = [str(c) for c in df.columns]
-    rows = [
-        [f"{v:.4f}" if isinstance(v, float) else str(v) for v in r]
-        for r in df.itertuples(index=False)
-    ]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def model_card(pool: Pool, results: Mapping[str, Any]) -> str:
-    """MODEL_CARD.md: ingredients, soups, MMS λ table, candidates' fates, evaluations, config, versions."""
-    cfg, names, accs = pool.config, pool.names, results["ingredient_val_accs"]
-    soups = {r: results[r] for r in cfg.recipes}
-    best = max(soups, key=lambda r: soups[r].val_acc)
-    lines = [
-        f"# Soup of {len(names)} checkpoints of `{cfg.model}`",
-        "",
-        f"Made by mmsoup with `mmsoup soup --config {Path(cfg.source).name}`. Best on the held-out set: "
-        f"**{best}** ({soups[best].val_acc:.4f}), file `{Path(results['files'][best]).name}`.",
-        "",
-        "## Ingredients",
-        "",
-        _table(pd.DataFrame({"#": range(len(names)), "checkpoint": names, "held-out acc": accs})),
-        "",
-        "## Soups",
-        "",
-    ]
-    rows = []
-    for r, res in soups.items():
-        bn = res.info.get("bn_recalibration", {})
-        rows.append(
-            {
-                "recipe": r,
-                "held-out acc": res.val_acc,
-                "ingredients": ", ".join(str(i) for i in res.ingredients),
-                "evaluations": res.n_evals,
-                "BN mixed stats acc": bn.get("acc_mixed_statistics", "-"),
-                "file": Path(results["files"][r]).name,
-            }
-        )
-    lines += [_table(pd.DataFrame(rows)), ""]
-    if "mms" in soups:
-        lines += _mms_section(soups["mms"])
-    if "greedy" in soups:
-        dec = pd.DataFrame(soups["greedy"].info["decisions"])
-        if len(dec):
-            dec["decision"] = np.where(dec.pop("accepted"), "accepted", "rejected")
-            lines += ["## Greedy soup: candidates (Soups Recipe 1)", "", _table(dec), ""]
-    spent = results["ingredient_evals"] + sum(
-        s.n_evals for r, s in soups.items() if r not in ("ensemble", "greedy_ensemble")
-    )
-    lines += [
-        "## Evaluations spent",
-        "",
-        f"{spent} held-out evaluations: {results['ingredient_evals']} for the ingredients' own accuracies, "
-        + ", ".join(f"{s.n_evals} by {r}" for r, s in soups.items())
-        + ".",
-        "",
-        "## Config",
-        "",
-        "```yaml",
-        (cfg.text or json.dumps(cfg.values, indent=2)).rstrip(),
-        "```",
-        "",
-    ]
-    if cfg.overrides:
-        lines += [f"Overridden by flags: `{json.dumps(cfg.overrides)}`", ""]
-    versions = library_versions() | _extra_versions()
-    lines += ["## Library versions", "", _table(pd.DataFrame([versions])), ""]
-    return "\n".join(lines)
-
-
-def _mms_section(res: SoupResult) -> list[str]:
-    """The per-component λ* of each mixed candidate and every candidate's fate (MMS Alg. 1)."""
-    decisions = res.info["decisions"]
-    comps = list(res.weights)
-    fate = pd.DataFrame(
-        [
-            {
-                "candidate": d["candidate"],
-                "decision": d["decision"],
-                "approx acc": d["approx_acc"],
-                "best acc": d.get("best_acc", "-"),
-            }
-            for d in decisions
-        ]
-    )
-    counts = fate["decision"].value_counts() if len(fate) else pd.Series(dtype=int)
-    lam = pd.DataFrame(
-        [
-            {"candidate": d["candidate"], **{c: round(x, 4) for c, x in zip(comps, d["lambdas"])}}
-            for d in decisions
-            if d["decision"] == "accepted"
-        ]
-    )
-    out = [
-        "## Manifold mixing soup (MMS Alg. 1)",
-        "",
-        f"Candidates: {counts.get('accepted', 0)} accepted, {counts.get('skipped', 0)} skipped, "
-        f"{counts.get('rejected', 0)} rejected; {res.info['n_components']} components.",
-        "",
-    ]
-    if len(fate):
-        out += [_table(fate), ""]
-    out += ["Per-component λ* of each accepted candidate (Ψ ← λ·Ψ + (1-λ)·θ):", ""]
-    out += [_table(lam) if len(lam) else "(no candidate accepted)", ""]
-    return out
-
-
-def _extra_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for dist in ("timm", "torchvision", "safetensors", "transformers", "huggingface_hub"):
-        try:
-            found[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return found
 
 
 # -- pre-flight (Soups §3.2) -------------------------------------------------------------------------
@@ -611,7 +512,13 @@ def inspect_pool(
     theta_b = open_ingredient(ings[best])
     floats = [k for k, v in theta_b.items() if v.is_floating_point()]  # integer buffers: θ_best's
     line = {ALL: floats}
-    init = load_state_dict(cfg.init) if cfg.init is not None else None
+    init = None
+    if cfg.init is not None:
+        init = (
+            RenamedCheckpoint(cfg.init, pool.file_keys).open()
+            if pool.file_keys
+            else load_state_dict(cfg.init)
+        )
     if init is not None:
         d_best = {k: theta_b[k].double() - init[k].double() for k in floats}
         norm_b = math.sqrt(sum(float(v.square().sum()) for v in d_best.values()))

@@ -150,3 +150,44 @@ def test_streamed_paths_give_the_same_soup_as_dicts(tmp_path, pool, evaluator):
     from_paths = learned_soup(paths, evaluator, components, **kwargs)
     assert from_paths.weights == from_dicts.weights  # bit-identical, not just close
     assert all(torch.equal(from_paths.state_dict[k], v) for k, v in from_dicts.state_dict.items())
+
+
+def test_a_batchnorm_pool_gives_every_key_of_the_model_with_its_dtype():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
+    init = model.state_dict()
+    ingredients = []
+    for i in range(3):
+        gen = torch.Generator().manual_seed(i)
+        state = {}
+        for k, v in init.items():
+            if v.is_floating_point():
+                state[k] = v + 0.05 * torch.randn(v.shape, generator=gen)
+                state[k] = state[k].abs() if k.endswith("running_var") else state[k]
+            else:
+                state[k] = v + 10 * (i + 1)  # num_batches_tracked: one count per ingredient
+        ingredients.append(state)
+    images = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    evaluator = Evaluator(model, images, torch.arange(12) % 3, device="cpu", batch_size=12)
+    components = partition(model, "blocks:2")
+    res = learned_soup(
+        ingredients,
+        evaluator,
+        components,
+        epochs=1,
+        progress=False,
+        ingredient_val_accs=[0.2, 0.6, 0.4],
+    )
+    assert list(res.state_dict) == list(init)  # complete, in the model's key order
+    assert {k: v.dtype for k, v in res.state_dict.items()} == {k: v.dtype for k, v in init.items()}
+    assert res.state_dict["1.num_batches_tracked"].item() == 20  # the best's (1), never averaged
+    stacked = torch.stack([s["1.running_mean"] for s in ingredients])
+    mixed = res.state_dict["1.running_mean"]  # a float buffer: mixed with its component's weights
+    assert (stacked.min(0).values - 1e-6 <= mixed).all() and (
+        mixed <= stacked.max(0).values + 1e-6
+    ).all()
+    model.load_state_dict(res.state_dict)  # strict: loads as it is

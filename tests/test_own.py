@@ -155,3 +155,27 @@ def test_bn_recalibration_for_each_evaluation_scores_the_recalibrated_model(tmp_
     info = res.info["bn_recalibration"]
     assert info["seconds_during_search"] > 0
     assert info["acc_recalibrated"] == res.val_acc  # the soup kept is the model evaluated
+
+
+def test_learned_soup_of_a_batchnorm_pool_writes_the_complete_model(tmp_path):
+    pool = _resnet_pool(tmp_path, n=2)
+    config = _config(tmp_path, recipes=["learned"], learned={"epochs": 1}, partition="blocks:2")
+    res = soup_from_config(config, progress=False)
+    soup = load_state_dict(tmp_path / "soup" / "learned.safetensors")
+    assert list(soup) == list(pool[0])  # learned_soup's own state dict: no key added afterwards
+    assert all(soup[k].dtype == v.dtype for k, v in pool[0].items())
+    accs = res["ingredient_val_accs"]
+    best = max(range(2), key=lambda i: (accs[i], -i))
+    assert soup["bn1.num_batches_tracked"].item() == 100 * (best + 1)
+    torchvision.models.resnet18(num_classes=10).load_state_dict(soup)  # strict
+
+
+def test_each_soup_records_only_its_own_recalibrations(tmp_path):
+    _resnet_pool(tmp_path, n=2)
+    config = _config(tmp_path, recipes=["uniform", "greedy"], bn_recalibration="each")
+    res = soup_from_config(config, progress=False)
+    assert res["ingredient_bn_recalibration"]["recalibrations"] == 2  # one per ingredient
+    for recipe in ("uniform", "greedy"):  # 1 evaluation each: the mean, the one candidate
+        info = res[recipe].info["bn_recalibration"]
+        assert info["recalibrations_during_search"] == res[recipe].n_evals == 1
+        assert info["seconds_during_search"] > 0
