@@ -195,6 +195,8 @@ def publish_results(
     import shutil
     import tempfile
 
+    from mmsoup.io import write_text
+
     run_dir, dest = Path(run_dir), Path(dest)
     if not (run_dir / "results" / "accuracy.csv").is_file():
         raise MMSoupError(f"{run_dir} has no results to publish; run notebooks 01-03 first.")
@@ -212,7 +214,7 @@ def publish_results(
                     text = src.read_text()
                     for path, relative in order:
                         text = text.replace(str(path), relative)
-                    out.write_text(text)
+                    write_text(out, text)
                 else:
                     shutil.copyfile(src, out)
                 written.append(dest / rel)
