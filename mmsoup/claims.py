@@ -82,13 +82,12 @@ def _replicate_deltas(claim: Claim, rows: pd.DataFrame) -> np.ndarray:
 
 
 def _t_interval(x: np.ndarray) -> tuple[float, float, float]:
-    from scipy import stats
+    """The replicate study's 95% t-interval (`replicates.t_interval`); NaN bounds without a spread."""
+    from mmsoup.replicates import t_interval
 
     if len(x) < 2:
         return (float(x.mean()) if len(x) else math.nan), math.nan, math.nan
-    mean, sd = float(x.mean()), float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.975, len(x) - 1) * sd / math.sqrt(len(x)))
-    return mean, mean - half, mean + half
+    return t_interval(x)
 
 
 def _verdict(lo: float, hi: float) -> str:

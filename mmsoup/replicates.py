@@ -197,24 +197,28 @@ def collect(root: str | os.PathLike, profile: str, replicates: int | None = None
     return pd.concat(frames, ignore_index=True)
 
 
-def spread(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean Δ ID / Δ Avg OOD with a 95% t-interval across replicates, and win counts."""
+def t_interval(x: np.ndarray) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of `x` with its 95% t-interval (a zero-width one for one value)."""
     from scipy import stats
 
+    mean, sd = float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+    half = float(stats.t.ppf(0.975, len(x) - 1) * sd / np.sqrt(len(x))) if len(x) > 1 else 0.0
+    return mean, mean - half, mean + half
+
+
+def spread(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per method: mean Δ ID / Δ Avg OOD with a 95% t-interval across replicates, and win counts."""
     out = []
     n_rep = rows["replicate"].nunique()
     for method, g in rows.groupby("method", sort=False):
         rec = {"method": method, "replicates": len(g)}
         for col in ("delta_id", "delta_ood"):
             x = g[col].to_numpy(dtype=float)
-            mean, sd = float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
-            half = (
-                float(stats.t.ppf(0.975, len(x) - 1) * sd / np.sqrt(len(x))) if len(x) > 1 else 0.0
-            )
+            mean, lo, hi = t_interval(x)
             rec |= {
                 f"{col}_mean": mean,
-                f"{col}_lo": mean - half,
-                f"{col}_hi": mean + half,
+                f"{col}_lo": lo,
+                f"{col}_hi": hi,
                 f"{col}_min": float(x.min()),
                 f"{col}_max": float(x.max()),
                 f"{col}_wins": int((x > 0).sum()),
