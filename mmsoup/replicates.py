@@ -350,14 +350,21 @@ def write_summary(
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
     """Write figures/replicates.{csv,md,png} from the finished replicates under `root`."""
     rows = collect(root, profile, replicates)
-    table = spread(rows)
     out = Path(figures_dir)
     csv = out / "replicates.csv"
     with atomic_path(csv) as tmp:
         rows.round(4).to_csv(tmp, index=False)
-    md = write_text(out / "replicates.md", markdown(rows, table, profile))
-    png = figure(rows, table, out / "replicates.png")
-    return rows, table, [csv, md, png]
+    table, paths = write_report(rows, out, profile)
+    return rows, table, [csv, *paths]
+
+
+def write_report(
+    rows: pd.DataFrame, out: str | os.PathLike, profile: str
+) -> tuple[pd.DataFrame, list[Path]]:
+    """The spread of `rows` and `out/replicates.{md,png}` written from it (also `mmsoup figures`)."""
+    table = spread(rows)
+    md = write_text(Path(out) / "replicates.md", markdown(rows, table, profile))
+    return table, [md, figure(rows, table, Path(out) / "replicates.png")]
 
 
 def compare(run_dir: str | os.PathLike, profile: str, replicates_csv: str | os.PathLike) -> str:

@@ -157,15 +157,19 @@ def reproduce(
     return times
 
 
+def _relative(text: str, paths: Mapping[Path, str]) -> str:
+    """`text` with this machine's absolute paths replaced by their stand-ins, longest first."""
+    for path, relative in sorted(paths.items(), key=lambda kv: -len(str(kv[0]))):
+        text = text.replace(str(path), relative)
+    return text
+
+
 def publish(notebook: Path, dest: Path, paths: Mapping[Path, str]) -> Path:
     """Copy an executed notebook with absolute paths of this machine replaced (longest first),
     e.g. the run folder by `../runs/embedded`, written atomically."""
     from mmsoup.io import write_text
 
-    text = notebook.read_text()
-    for path, relative in sorted(paths.items(), key=lambda kv: -len(str(kv[0]))):
-        text = text.replace(str(path), relative)
-    write_text(dest, text)
+    write_text(dest, _relative(notebook.read_text(), paths))
     return dest
 
 
@@ -202,7 +206,6 @@ def publish_results(
         raise MMSoupError(f"{run_dir} has no results to publish; run notebooks 01-03 first.")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    order = sorted(paths.items(), key=lambda kv: -len(str(kv[0])))
     written = []
     try:
         for pattern in RESULT_FILES:
@@ -211,10 +214,7 @@ def publish_results(
                 out = staging / rel
                 out.parent.mkdir(parents=True, exist_ok=True)
                 if src.suffix in (".json", ".csv", ".log"):
-                    text = src.read_text()
-                    for path, relative in order:
-                        text = text.replace(str(path), relative)
-                    write_text(out, text)
+                    write_text(out, _relative(src.read_text(), paths))
                 else:
                     shutil.copyfile(src, out)
                 written.append(dest / rel)
@@ -241,7 +241,6 @@ def rebuild_figures(
     import pandas as pd
 
     from mmsoup import analysis, pipeline, plots, replicates
-    from mmsoup.io import write_text
 
     results, out = Path(results), check_writable(out, "--out")
     if not (results / "results" / "accuracy.csv").is_file():
@@ -253,10 +252,7 @@ def rebuild_figures(
     tables, meta = analysis.load_tables(results)
     for stem, fig in plots.why_soups_figures(tables, meta).items():
         written.append(plots.save_png(fig, out / f"{stem}.png"))
-    reps = out / "replicates.csv"
-    if reps.is_file():
-        rows = pd.read_csv(reps)
-        table = replicates.spread(rows)
-        written.append(write_text(out / "replicates.md", replicates.markdown(rows, table, profile)))
-        written.append(replicates.figure(rows, table, out / "replicates.png"))
+    if (out / "replicates.csv").is_file():
+        rows = pd.read_csv(out / "replicates.csv")
+        written += replicates.write_report(rows, out, profile)[1]
     return written

@@ -669,9 +669,14 @@ def most_uneven_step(
     idx = list(range(int(info["n_components"]))) if over is None else list(over)
     if not idx:
         raise MMSoupError("most_uneven_step needs at least one component to measure λ* over.")
-    spreads = [float(np.std([lam[j] for j in idx])) for _, lam in steps]
+    spreads = [lambda_spread(lam, idx) for _, lam in steps]
     best = max(range(len(steps)), key=lambda k: (spreads[k], k))
     return best, spreads[best]
+
+
+def lambda_spread(lam: Sequence[float], over: Sequence[int]) -> float:
+    """The standard deviation (population) of λ* over the component indices `over`."""
+    return float(np.std([lam[j] for j in over]))
 
 
 def wise_ft(zeroshot: Ingredient, finetuned: Ingredient, alpha: float) -> dict[str, Tensor]:

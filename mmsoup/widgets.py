@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -313,14 +312,15 @@ def from_run(
     from mmsoup.context import context, ingredient_paths
     from mmsoup.partition import live_components, partition
     from mmsoup.recipes import MMS_SCHEMES, recipe
-    from mmsoup.soups import most_uneven_step
+    from mmsoup.soups import lambda_spread, most_uneven_step
 
     soups = Path(run_dir) / "soups"
     if method is None and step is not None:
         method = "MMS-C15"
     methods = [method] if method else [n for n in MMS_SCHEMES if (soups / recipe(n).file).is_file()]
-    file = soups / recipe(method or "MMS-C15").file
-    if not methods or not file.is_file() and method is not None:
+    missing = [n for n in methods if not (soups / recipe(n).file).is_file()]
+    if missing or not methods:
+        file = soups / recipe((missing or ["MMS-C15"])[0]).file
         raise MMSoupError(
             f"{file} does not exist; run notebook 02 (soups) for this run folder first."
         )
@@ -351,7 +351,7 @@ def from_run(
             f"{method} accepted no candidate: its best ingredient against the runner-up"
         )
     else:
-        spread = float(np.std([lam[j] for j in over])) if over else float(np.std(lam))
+        spread = lambda_spread(lam, over or range(len(lam)))
         explorer.opened = (
             f"{method}, accepted step {k} of {n} (model_{name_b} mixed in; "
             f"λ* standard deviation over the live components {spread:.3f})"
