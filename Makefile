@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint reproduce figures replicates clean bench bench-gpu
+.PHONY: setup test lint reproduce figures replicates ablation clean bench bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ figures: setup
 REPLICATES ?= 5
 replicates: setup
 	$(BIN)/python -m mmsoup replicate --profile embedded --replicates $(REPLICATES)
+
+# The conditions ablation (chapter 09): held-out size, MMS budget and pool size, alone and together;
+# resumable (one replicate at a time, 2 cores each); finished runs published to results/ablation.
+ABLATION_REPLICATES ?= 5
+ablation: setup
+	$(BIN)/python -m mmsoup ablation --replicates $(ABLATION_REPLICATES) --executed notebooks/executed
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -22,7 +22,15 @@ import pandas as pd
 from mmsoup.papers import PAPER_ID_SET, PAPER_TABLE1
 from mmsoup.table1 import AVG_OOD, BEST, bootstrap_deltas
 
-__all__ = ["CLAIMS", "Claim", "beside_paper", "checklist", "for_run", "replicate_study"]
+__all__ = [
+    "CLAIMS",
+    "Claim",
+    "beside_paper",
+    "checklist",
+    "for_run",
+    "mms_beside_ablation",
+    "replicate_study",
+]
 
 
 @dataclass(frozen=True)
@@ -194,3 +202,45 @@ def for_run(
     acc, hits = load_results(run_dir)
     reps = replicate_study(figures_dir, profile)
     return checklist(acc, hits, id_set(profile), shifts(profile), reps, claims)
+
+
+def mms_beside_ablation(figures_dir: str | os.PathLike) -> pd.DataFrame:
+    """MMS-C8 against greedy soup and the best model: the papers' one run (MMS Table 1) beside
+    each condition of the conditions ablation (`figures_dir/ablation.csv`, `mmsoup.ablation`),
+    points, with a 95% t-interval over the ablation's replicates. Only the papers' row when
+    there is no ablation."""
+    from mmsoup.ablation import paired
+    from mmsoup.papers import mms_vs_baselines
+
+    paper = mms_vs_baselines().set_index("MMS-C8 minus")
+    out = [
+        {
+            "source": "MMS paper (1 run, ImageNet)",
+            "replicates": 1,
+            "MMS − greedy, Avg OOD": f"{paper.loc['Greedy soup', 'Δ Avg OOD']:+.2f}",
+            "MMS − greedy, ID": f"{paper.loc['Greedy soup', 'Δ ID (ImageNet)']:+.2f}",
+            "MMS − best, Avg OOD": f"{paper.loc[BEST, 'Δ Avg OOD']:+.2f}",
+        }
+    ]
+    csv = Path(figures_dir) / "ablation.csv"
+    if csv.is_file():
+        rows = pd.read_csv(csv)
+        cols = {
+            "MMS − greedy, Avg OOD": paired(rows, "MMS-C8", "Greedy soup", "delta_ood"),
+            "MMS − greedy, ID": paired(rows, "MMS-C8", "Greedy soup", "delta_id"),
+            "MMS − best, Avg OOD": paired(rows, "MMS-C8", BEST, "delta_ood"),
+        }
+        cols = {k: t.set_index("condition") for k, t in cols.items()}
+        first = rows.groupby("condition", sort=False).first()
+        for cond, t in cols["MMS − greedy, Avg OOD"].iterrows():
+            f = first.loc[cond]
+            rec = {
+                "source": f"here: {cond} ({int(f['heldout_images']):,} held-out, "
+                f"{int(f['budget'])} evaluations, {int(f['models'])} runs)",
+                "replicates": int(t["replicates"]),
+            }
+            for name, table in cols.items():
+                x = table.loc[cond]
+                rec[name] = f"{x['mean']:+.2f} [{x['lo']:+.2f}, {x['hi']:+.2f}]"
+            out.append(rec)
+    return pd.DataFrame(out).set_index("source")

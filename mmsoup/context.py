@@ -48,7 +48,7 @@ def load_set(profile: str, name: str) -> EvalSet:
     if prof.dataset == "digits":
         from mmsoup.data import digits
 
-        images, labels = digits.load(name)
+        images, labels = digits.load_split(name, prof.heldout_images)
         return digits.to_tensor(images), torch.as_tensor(labels), None, None
     from mmsoup.data.cache import build_cache, normalizer
     from mmsoup.data.imagenet import load_dataset

@@ -28,6 +28,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
+from mmsoup.data.digits import HELDOUT_IMAGES, MIN_TRAIN, SPLIT_SIZES
 from mmsoup.determinism import pinned
 from mmsoup.distributed import rank_world
 from mmsoup.errors import MMSoupError
@@ -37,6 +38,7 @@ from mmsoup.models import TINY_ARCH, ImageClassifier, create_classifier
 AUGMENTATIONS = ("minimal", "randaugment")
 AUG_GROUP = 8  # images per group sharing one draw of crop/RandAugment parameters (see _augment)
 NUM_CLASSES = 10
+MAX_HELDOUT = HELDOUT_IMAGES + SPLIT_SIZES["train"] - MIN_TRAIN
 RANDAUG_BINS = 31  # torchvision's default: magnitudes 0..30
 
 
@@ -75,6 +77,9 @@ FIELD_RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "warmup_frac": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "train_images": (int, lambda v: v >= 2, "null (the whole split) or an integer >= 2"),
     "arch": (str, _known_arch, f"an open_clip architecture such as {TINY_ARCH!r}"),
+    "heldout_images": (
+        int, lambda v: HELDOUT_IMAGES <= v <= MAX_HELDOUT, f"an integer in {HELDOUT_IMAGES}..{MAX_HELDOUT}"
+    ),
 }  # fmt: skip
 
 
@@ -95,6 +100,9 @@ class FinetuneConfig:
     warmup_frac: float = 0.1  # share of the steps with linear warm-up
     train_images: int | None = None  # None: the whole `train` split; else a fixed random subset
     arch: str = TINY_ARCH
+    # Images held out of the digits' fine-tuning data (mmsoup.data.digits.load_split): the
+    # held-out set the run is scored on, and what is left of `train` for training.
+    heldout_images: int = HELDOUT_IMAGES
 
     def __post_init__(self) -> None:
         """Refuse a field of the wrong type or out of range (FIELD_RULES), naming what is allowed."""
@@ -111,8 +119,12 @@ class FinetuneConfig:
                 raise MMSoupError(f"{name}={value!r} is {problem}; use {allowed}.")
 
     def to_json(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """The config as a JSON-ready dict (`heldout_images` only when not the default: a field
+        added later, so that earlier sweeps' configs, keys and checkpoints stay current)."""
+        out = dataclasses.asdict(self)
+        if out["heldout_images"] == HELDOUT_IMAGES:
+            del out["heldout_images"]
+        return out
 
     @classmethod
     def from_json(cls, data: Any, where: str | None = None) -> FinetuneConfig:
@@ -331,7 +343,8 @@ def run_finetune(
     out = Path(out)
     start = time.perf_counter()
     with pinned(threads), process_group() as (rank, world):
-        images, labels = digits.load("train", cache_dir=digits_cache(cache_dir))
+        held = config.heldout_images
+        images, labels = digits.load_split("train", held, cache_dir=digits_cache(cache_dir))
         images, labels = torch.as_tensor(images), torch.as_tensor(labels)
         if config.train_images is not None:  # the split is ordered by class: subsample at random
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
@@ -342,7 +355,9 @@ def run_finetune(
         model = load_classifier(init, config.arch)
         train(model, images, labels, config, on_step=on_step)
         train_time = time.perf_counter() - start
-        held_images, held_labels = digits.load("heldout", cache_dir=digits_cache(cache_dir))
+        held_images, held_labels = digits.load_split(
+            "heldout", held, cache_dir=digits_cache(cache_dir)
+        )
         val_acc = accuracy(model, digits.to_tensor(held_images), torch.as_tensor(held_labels))
         meta = {
             "kind": "finetune",

@@ -174,14 +174,20 @@ def linear_probe(
     out: str | os.PathLike | None = None,
     threads: int | None = None,
     force: bool = False,
+    heldout_images: int | None = None,
 ) -> Path:
-    """LP init (Soups App. J.2.1, LP-FT): logistic regression on frozen features, C chosen on heldout."""
+    """LP init (Soups App. J.2.1, LP-FT): logistic regression on frozen features, C chosen on heldout.
+
+    `heldout_images`: the held-out size of `mmsoup.data.digits.load_split` (None: 1,000); the
+    probe is fit on what is left of `train`, and keyed by both splits.
+    """
     from sklearn.linear_model import LogisticRegression
 
     from mmsoup.data import digits
 
     backbone = Path(backbone)
-    splits = {s: digits.load(s, cache_dir=digits_cache(cache_dir)) for s in digits.SPLITS}
+    held = digits.HELDOUT_IMAGES if heldout_images is None else heldout_images
+    splits = {s: digits.load_split(s, held, digits_cache(cache_dir)) for s in digits.SPLITS}
     if out is None:  # keyed by the backbone and the splits it is fit and selected on
         data = _sha(*splits["train"], *splits["heldout"])[:10]
         out = backbone.with_name(f"{backbone.stem}-lp-{data}.safetensors")
@@ -263,4 +269,7 @@ def prepare(
         )
     config = PretrainConfig(arch=prof.arch, **{"seed": prof.pretrain_seed, **prof.pretrain})
     backbone = pretrain(config, cache_dir=cache_dir, threads=threads, on_step=on_step)
-    return backbone, linear_probe(backbone, cache_dir=cache_dir, threads=threads)
+    lp = linear_probe(
+        backbone, cache_dir=cache_dir, threads=threads, heldout_images=prof.heldout_images
+    )
+    return backbone, lp

@@ -21,6 +21,8 @@ from mmsoup.errors import MMSoupError
 # wrong name in the CLI) does not import torch and open_clip.
 TINY_ARCH = "mmsoup-tiny-vit"
 PAPER_ARCH = "ViT-B-32-quickgelu"
+# mmsoup.data.digits.HELDOUT_IMAGES / MIN_TRAIN and the 3,000 train digits, spelled out likewise.
+HELDOUT_IMAGES, MAX_HELDOUT = 1000, 3000
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ class Profile:
     objectnet_border: int = 0
     # 1: evaluate in bf16 autocast on CUDA (a fast mode); 0: fp32 without TF32, as the references.
     bf16: int = 0
+    # Digits held out of the fine-tuning data for the soups (embedded/smoke): 1,000 (0.1 points per
+    # image), up to 2,000 and more moved out of `train` (mmsoup.data.digits.load_split).
+    heldout_images: int = HELDOUT_IMAGES
 
 
 PROFILES: MappingProxyType[str, Profile] = MappingProxyType(
@@ -129,6 +134,7 @@ OVERRIDABLE = (
     "pretrain_seed",
     "objectnet_border",
     "bf16",
+    "heldout_images",
 )
 _MAY_BE_ZERO = ("search_seed", "pretrain_seed", "objectnet_border", "bf16")
 
@@ -150,11 +156,21 @@ def get_profile(spec: str) -> Profile:
             raise MMSoupError(
                 f"Profile {spec!r}: {key!r} cannot be overridden; use one of {', '.join(OVERRIDABLE)}."
             )
-        if not value.isdigit() or int(value) < (0 if key in _MAY_BE_ZERO else 1):
+        # ASCII digits only: str.isdigit accepts '²' (int() refuses it) and '١' (int() reads 1)
+        if not (value.isascii() and value.isdigit()) or int(value) < (
+            0 if key in _MAY_BE_ZERO else 1
+        ):
             raise MMSoupError(f"Profile {spec!r}: {key} must be a positive integer, not {value!r}.")
         if key == "bf16" and int(value) > 1:
             raise MMSoupError(f"Profile {spec!r}: bf16 is 0 (fp32) or 1 (bf16), not {value!r}.")
         changes[key] = int(value)
+    held = changes.get("heldout_images", HELDOUT_IMAGES)
+    if held != HELDOUT_IMAGES and (prof.dataset != "digits" or not held <= MAX_HELDOUT):
+        where = f"1000..{MAX_HELDOUT}" if prof.dataset == "digits" else "not for ImageNet"
+        raise MMSoupError(
+            f"Profile {spec!r}: heldout_images={held} is out of range ({where}; "
+            "paper profiles use heldout_per_class)."
+        )
     if name == "paper" and changes.get("n_runs", 0) > prof.n_runs:
         raise MMSoupError(
             f"Profile {spec!r}: Soups released model_0..model_{prof.n_runs}, no more."

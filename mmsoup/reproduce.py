@@ -236,11 +236,12 @@ def rebuild_figures(
 
     From `results` (a run folder without checkpoints, e.g. `results/embedded`): Figure 2 and
     Table 1 (notebooks 04, 05) and, when notebook 07 saved its tables, its five figures; from
-    `out/replicates.csv`: the replicate study's `replicates.{md,png}` (notebook 08).
+    `out/replicates.csv`: the replicate study's `replicates.{md,png}` (notebook 08); from
+    `results/../ablation` when it holds finished runs: `ablation.{csv,md,png}` (notebook 09).
     """
     import pandas as pd
 
-    from mmsoup import analysis, pipeline, plots, replicates
+    from mmsoup import ablation, analysis, pipeline, plots, replicates
 
     results, out = Path(results), check_writable(out, "--out")
     if not (results / "results" / "accuracy.csv").is_file():
@@ -255,4 +256,7 @@ def rebuild_figures(
     if (out / "replicates.csv").is_file():
         rows = pd.read_csv(out / "replicates.csv")
         written += replicates.write_report(rows, out, profile)[1]
+    ablation_results = results.parent / "ablation"  # results/ablation beside results/embedded
+    if any(ablation_results.glob(f"*/r*/{ablation.DONE}")):
+        written += ablation.write_summary(ablation_results, out)
     return written

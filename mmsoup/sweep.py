@@ -123,10 +123,12 @@ def load_configs(path: str | os.PathLike) -> list[FinetuneConfig]:
 
 def profile_configs(profile: str) -> list[FinetuneConfig]:
     """The run configs a named profile sweeps over (see mmsoup.profiles)."""
-    from mmsoup.profiles import get_profile
+    from mmsoup.profiles import HELDOUT_IMAGES, get_profile
 
     prof = get_profile(profile)
     overrides = {"arch": prof.arch, **prof.run_overrides}
+    if prof.heldout_images != HELDOUT_IMAGES:  # the default stays out of the configs (to_json)
+        overrides["heldout_images"] = prof.heldout_images
     if prof.search == "random":
         space = SearchSpace(**prof.space)
         return random_search(prof.n_runs, prof.search_seed, space, **overrides)

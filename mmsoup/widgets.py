@@ -97,6 +97,53 @@ class LambdaExplorer:
             {"set": list(self._accuracies), "accuracy": list(self._accuracies.values())}
         )
 
+    def static_figure(self, n_components: int = 2, points: int = 11, evaluator: str = "heldout"):
+        """What the panel shows, as a figure for a page (a static copy of the notebook): the λ*
+        of every component as bars, and `evaluator` accuracy along λ_j of the `n_components`
+        components whose λ* lies furthest from the plain average's λ0, the others at λ*. The
+        explorer is back at λ* afterwards."""
+        import numpy as np
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        names = list(self.components)
+        lam0 = float(np.median(self.lambda_star))  # the start point most components kept
+        moved = np.abs(np.asarray(self.lambda_star) - lam0)
+        picks = [int(j) for j in np.argsort(-moved, kind="stable")[:n_components]]
+        ev = self.evaluators.get(evaluator) or next(iter(self.evaluators.values()))
+        grid = np.linspace(0.0, 1.0, points)
+        curves = {}
+        for j in picks:
+            accs = []
+            for x in grid:
+                lam = list(self.lambda_star)
+                lam[j] = float(x)
+                ev.mix(self.model_a, self.model_b, self.components, lam)
+                accs.append(100.0 * ev.accuracy())
+            curves[names[j]] = accs
+        self.set_lambdas(self.lambda_star)
+        fig = Figure(figsize=(10, 3.4))
+        FigureCanvasAgg(fig)
+        left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1]})
+        short = [n.replace("model.visual.", "visual.").replace("model.", "") for n in names]
+        left.barh(short, self.lambda_star, color="#0173b2")
+        left.axvline(lam0, color="grey", ls="--", lw=1)
+        left.set_xlim(0, 1)
+        left.invert_yaxis()
+        left.tick_params(axis="y", labelsize=7)
+        left.set_xlabel(f"λ* (1: all of {self.names[0]}); dashed: median λ* {lam0:.2f}", fontsize=8)
+        left.set_title("λ* per component", fontsize=9)
+        for accs, j in zip(curves.values(), picks):
+            line = right.plot(grid, accs, marker=".", label=short[j])[0]
+            right.axvline(self.lambda_star[j], color=line.get_color(), ls=":", lw=1)
+        right.set_xlabel("λ_j, the other components at λ* (dotted: λ*_j)", fontsize=8)
+        right.set_ylabel(f"{evaluator} accuracy (%)", fontsize=8)
+        right.set_title(f"{evaluator} accuracy along one λ", fontsize=9)
+        right.legend(fontsize=7)
+        right.grid(alpha=0.3)
+        fig.tight_layout()
+        return fig
+
     # -- the ipywidgets front end ------------------------------------------------------------
     @property
     def panel(self):
@@ -356,4 +403,21 @@ def from_run(
             f"{method}, accepted step {k} of {n} (model_{name_b} mixed in; "
             f"λ* standard deviation over the live components {spread:.3f})"
         )
+    return explorer
+
+
+def from_ablation(run_dir, method: str = "MMS-C8", step: int | None = None) -> LambdaExplorer:
+    """A λ explorer over an MMS soup of a conditions-ablation run (`mmsoup.ablation`): its
+    profile spec (held-out size, budget, pool) is read from the run's `ablation.json`."""
+    import json
+    from pathlib import Path
+
+    done = Path(run_dir) / "ablation.json"
+    if not done.is_file():
+        raise MMSoupError(f"{done} does not exist; run `make ablation` first.")
+    info = json.loads(done.read_text())
+    explorer = from_run(run_dir, info["profile"], method=method, step=step)
+    explorer.opened = (
+        f"conditions ablation, {info['condition']} r{info['replicate']}: " + explorer.opened
+    )
     return explorer

@@ -286,6 +286,7 @@ def test_a_sigkilled_run_resumes_to_the_same_fused_model(pool_dir, reference, tm
 _ALLOWED = {
     ("sweep.py", 'open(log, "w")'): "a run's log streams while it runs; it is no result",
     ("replicates.py", 'open(log, "w")'): "a replicate's log streams while it runs; it is no result",
+    ("ablation.py", 'open(log, "w")'): "a replicate's log streams while it runs; it is no result",
     ("data/manifest.py", "open(part,"): "the .part download resumes; renamed in after its sha256",
     ("data/digits.py", "np.savez(buf"): "an in-memory buffer",
 }

@@ -19,8 +19,8 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=!\[ ]", requirement, maxsplit=1)[0].lower().replace("-", "_")
 
 
-def test_there_are_eight_numbered_notebooks():
-    assert [p.name[:3] for p in NOTEBOOKS] == [f"0{i}_" for i in range(1, 9)]
+def test_there_are_nine_numbered_notebooks():
+    assert [p.name[:3] for p in NOTEBOOKS] == [f"0{i}_" for i in range(1, 10)]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
