@@ -165,6 +165,7 @@ def run_soup(root: Path, recipe: str, mode: str, budget: int, rep: int) -> dict:
 
     config = {
         "model": "bench_bn:bn_cnn",
+        "trust_code": True,  # a Python factory: this file's own
         "model_kwargs": {"seed": rep},
         "ingredients": ["ft*.safetensors"],
         "held_out": "held_out.pt",

@@ -153,6 +153,59 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> dict[str, tor
     )
 
 
+# safetensors' dtype names (its header) as torch dtypes; any other name is compared as text
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+Spec = dict[str, tuple[tuple[int, ...], Any]]  # key -> (shape, dtype)
+
+
+def read_spec(path: str | os.PathLike) -> Spec:
+    """{key: (shape, dtype)} of a checkpoint without reading its tensors: the safetensors header
+    (each shard's, for an index; a Hugging Face folder's weights), or a `.pt` memory-mapped and
+    read with weights_only=True (no code runs). A bad file is one sentence naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = _weights_file(path)
+    if path.name.endswith(".index.json") and path.is_file():
+        from mmsoup.io import read_json
+
+        meta = read_json(path, "shard index")
+        weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MMSoupError(
+                f"Shard index {path} has no 'weight_map'; re-create it (safetensors' sharding format)."
+            )
+        spec: Spec = {}
+        for shard in dict.fromkeys(weight_map.values()):
+            part = read_spec(path.parent / str(shard))
+            spec.update({k: v for k, v in part.items() if weight_map.get(k) == shard})
+        return spec
+    if not path.exists():
+        if path.is_symlink():
+            raise MMSoupError(
+                f"Checkpoint {path} is a link to {os.readlink(path)}, which does not exist; fix the link."
+            )
+        raise MMSoupError(f"Checkpoint {path} does not exist; check the path.")
+    if path.suffix.lower() != ".safetensors":
+        return {k: (tuple(v.shape), v.dtype) for k, v in load_state_dict(path).items()}
+    try:
+        with safe_open(path, "pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            return {
+                k: (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
+                for k, s in slices.items()
+            }
+    except Exception as e:  # SafetensorError, OSError: not a safetensors file
+        link = f" (a link to {os.path.realpath(path)})" if path.is_symlink() else ""
+        raise MMSoupError(
+            f"Checkpoint {path}{link} is not a safetensors file or is truncated or corrupt "
+            f"({type(e).__name__}); re-download or re-save it, or leave it out."
+        ) from e
+
+
 def provenance(**extra: Any) -> dict[str, Any]:
     """A provenance record: time, host, machine (CPU, BLAS kernels), versions, plus `extra`."""
     import mmsoup

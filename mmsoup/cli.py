@@ -418,6 +418,12 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     arg("--out", type=Path, default=None, help="with --config: output folder (overrides out:)"),
     arg("--shard-size", default=None, help="with --config: write shards of this size, e.g. 2GB"),
     arg("--device", default=None, help="with --config: torch device (overrides device:)"),
+    arg(
+        "--trust-code",
+        action="store_true",
+        help="with --config: allow the code the config names to run (a module:function model, "
+        "trust_remote_code, a Hugging Face folder with auto_map); as trust_code: true",
+    ),
 )
 def cmd_soup(args: argparse.Namespace) -> None:
     """Run the soup stage (notebook 02), or with --config soup your own checkpoints (mmsoup.own)."""
@@ -446,6 +452,11 @@ def cmd_soup(args: argparse.Namespace) -> None:
     "pre-flight of your own checkpoints: accuracy on the line to the best model, update angles",
     arg("--config", required=True, help="the YAML soup config (as for soup --config)"),
     arg("--device", default=None, help="torch device (overrides device:)"),
+    arg(
+        "--trust-code",
+        action="store_true",
+        help="allow the code the config names to run (as trust_code: true)",
+    ),
 )
 def cmd_inspect(args: argparse.Namespace) -> None:
     """Print the pre-flight table of mmsoup.own.inspect_pool."""
@@ -543,6 +554,86 @@ def cmd_distributed(args: argparse.Namespace) -> int | None:
     from mmsoup.distributed_cli import main as distributed_main
 
     return distributed_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
+
+
+@command(
+    "ablation",
+    "the conditions ablation (held-out size, MMS budget, pool size): figures/ablation.{csv,md,png}",
+    arg(
+        "--replicates",
+        type=integer(2, " (a spread needs at least 2 replicates)"),
+        default=5,
+        help="replicates per condition (default: 5)",
+    ),
+    arg("--conditions", nargs="+", default=None, help="conditions to run (default: all)"),
+    arg(
+        "--recipes",
+        nargs="+",
+        default=None,
+        help="recipes per condition (default: Uniform soup, Greedy soup, MMS-C8)",
+    ),
+    arg("--base", default="embedded", help="the profile the conditions change (default: embedded)"),
+    arg("--root", type=Path, default=Path("runs/ablation"), help="run folders, with checkpoints"),
+    arg(
+        "--results",
+        type=Path,
+        default=Path("results/ablation"),
+        help="where each finished condition's results go, without checkpoints (committed)",
+    ),
+    arg("--out", type=Path, default=Path("figures"), help="where ablation.{csv,md,png} go"),
+    arg("--index", type=integer(0), default=None, help="run only replicate K"),
+    arg(
+        "--jobs",
+        type=integer(1),
+        default=1,
+        help="replicate processes at once (default: 1; each already uses 2 cores)",
+    ),
+    arg("--summary-only", action="store_true", help="only rewrite the summary from --results"),
+    arg(
+        "--executed",
+        type=Path,
+        default=None,
+        help="also execute chapter 09 on --results and write its executed copy here",
+    ),
+)
+def cmd_ablation(args: argparse.Namespace) -> None:
+    """The conditions ablation (mmsoup.ablation): resumable, one folder per condition and replicate."""
+    from mmsoup import ablation
+    from mmsoup.recipes import recipe
+
+    conditions = args.conditions or list(ablation.CONDITIONS)
+    recipes = args.recipes or list(ablation.METHODS)
+    for c in conditions:
+        ablation.spec(c, 0, args.base)  # an unknown condition or profile fails before any work
+    for name in recipes:
+        recipe(name)
+    if not args.summary_only:
+        check_writable(args.root, "--root")
+        check_writable(args.results, "--results")
+        check_cache(args)
+        if args.index is not None:
+            ablation.run_replicate(
+                args.index, args.root, conditions, recipes, args.base, args.results
+            )
+            return
+        ablation.run(
+            args.replicates, args.root, conditions, recipes, args.base, args.jobs, args.results
+        )
+    check_writable(args.out, "--out")
+    paths = ablation.write_summary(args.results, args.out)
+    print(Path(paths[1]).read_text())
+    if args.executed is not None:  # chapter 09 reads only the published results
+        import tempfile
+
+        from mmsoup.reproduce import notebooks_dir, publish, run_notebook
+
+        executed = check_writable(args.executed, "--executed").resolve()
+        results = args.results.resolve()
+        params = {"profile": args.base, "ablation_dir": str(results)}
+        with tempfile.TemporaryDirectory() as tmp:
+            done = run_notebook("09_when_mms_helps", params, Path(tmp), stream=False)
+            here = {results: "../results/ablation", notebooks_dir(): "."}
+            _log(f"chapter 09 executed: {publish(done, executed / done.name, here)}")
 
 
 @command(

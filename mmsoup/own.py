@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,38 +50,161 @@ from mmsoup.result import ALL, Scorer, SoupResult
 
 RECIPES = ("uniform", "greedy", "mms", "learned", "ensemble", "greedy_ensemble")
 BN_MODES = ("none", "final", "each")
-# key -> (type, default); paths are relative to the config file's folder
-KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
-    "model": (str, None),
-    "model_kwargs": (dict, {}),
-    "image_size": (int, None),
-    "ingredients": ((list, str), None),
-    "init": (str, None),
-    "held_out": (str, None),
-    "recipes": (list, ["uniform", "greedy", "mms"]),
-    "partition": (str, "blocks:4"),
-    "mms": (dict, {}),
-    "learned": (dict, {}),
-    "bn_recalibration": (str, "none"),
-    "batch_size": (int, 256),
-    "device": (str, None),
-    "out": (str, "soup"),
-    "shard_size": ((str, int), None),
-    "alphas": (list, [0.25, 0.5, 0.75]),
-    "barrier": ((float, int), 0.05),  # inspect: a midpoint this far below both ends collapses
+MAX_CONFIG_BYTES = 1_000_000  # a soup config is a few lines; a bigger file is not one
+SHOW = 200  # characters of a value echoed in a message, at most
+
+Kind = type | tuple[type, ...]
+Rule = tuple[Kind, Callable[[Any], bool], str]  # type, check, what is allowed (as FIELD_RULES)
+
+
+def _known_optimizer(name: str) -> bool:
+    import nevergrad as ng
+
+    return name in ng.optimizers.registry
+
+
+def _partition_spec(spec: str) -> bool:
+    """The syntax of a partition scheme (mmsoup.partition), checked before the model exists."""
+    import re
+
+    from mmsoup.partition import ALIASES
+
+    base, _, modifier = spec.replace(" ", "").lower().partition("+")
+    base = ALIASES.get(base, base)
+    syntax = re.fullmatch(r"prefix:[1-9]\d*(:split)?|blocks:[1-9]\d*", base)
+    return modifier in ("", "live") and syntax is not None
+
+
+def _device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _size(value: str | int) -> bool:
+    try:
+        return (_shard_size(value) or 0) > 0
+    except MMSoupError:
+        return False
+
+
+def _list_of(kind: type, ok: Callable[[Any], bool]) -> Callable[[list], bool]:
+    return lambda items: all(_is_a(x, kind) and ok(x) for x in items)
+
+
+_NONEMPTY = (str, lambda v: v.strip() != "", "a non-empty string")
+_FLAG = (bool, lambda v: True, "true or false")
+# key -> (type, check, allowed); the defaults are DEFAULTS'. Paths are relative to the config's
+# folder. The order is the one "valid keys" lists.
+RULES: dict[str, Rule] = {
+    "model": (str, lambda v: v.strip() != "", "a model name (see the README)"),
+    "model_kwargs": (dict, lambda v: all(isinstance(k, str) for k in v), "a mapping of keyword arguments"),
+    "trust_code": (*_FLAG[:2], "true or false (true: run the code the model names)"),
+    "image_size": (int, lambda v: 1 <= v <= 8192, "an integer in 1..8192"),
+    "ingredients": ((list, str), lambda v: True, "a path or glob, or a list of them"),
+    "init": _NONEMPTY,
+    "held_out": _NONEMPTY,
+    "classes": (list, lambda v: len(v) >= 2 and _list_of(str, bool)(v) and len(set(v)) == len(v),
+                "a list of at least 2 distinct class folder names, in the model's label order"),
+    "recipes": (list, lambda v: len(v) >= 1 and _list_of(str, lambda r: r in RECIPES)(v),
+                f"a non-empty list of {', '.join(RECIPES)}"),
+    "partition": (str, _partition_spec, "a partition scheme: C8, C15, C26, prefix:D, prefix:D:split or blocks:N, optionally +live"),
+    "mms": (dict, lambda v: True, "a mapping of MMS options"),
+    "learned": (dict, lambda v: True, "a mapping of learned-soup options"),
+    "bn_recalibration": (str, lambda v: v in BN_MODES, f"one of {', '.join(BN_MODES)}"),
+    "batch_size": (int, lambda v: 1 <= v <= 1_000_000, "an integer in 1..1000000"),
+    "device": (str, _device, "a torch device such as cpu, cuda or cuda:1"),
+    "out": _NONEMPTY,
+    "shard_size": ((str, int), _size, "a size > 0 in bytes or such as '500MB' or '2GB'"),
+    # inspect: the points on the line to the best model, and the collapse threshold
+    "alphas": (list, _list_of(float, lambda a: math.isfinite(a) and 0 <= a <= 1), "a list of numbers in [0, 1]"),
+    "barrier": (float, lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.05"),
+}  # fmt: skip
+DEFAULTS: dict[str, Any] = {
+    "model_kwargs": {},
+    "trust_code": False,
+    "recipes": ["uniform", "greedy", "mms"],
+    "partition": "blocks:4",
+    "mms": {},
+    "learned": {},
+    "bn_recalibration": "none",
+    "batch_size": 256,
+    "out": "soup",
+    "alphas": [0.25, 0.5, 0.75],
+    "barrier": 0.05,  # inspect: a midpoint this far below both ends collapses
 }
+KEYS = tuple(RULES)
+SECTIONS: dict[str, dict[str, Rule]] = {
+    "mms": {
+        "budget": (int, lambda v: 1 <= v <= 100_000, "an integer in 1..100000 (evaluations per candidate)"),
+        "tau": (float, lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.998"),
+        "optimizer": (str, _known_optimizer, "a nevergrad optimizer name such as NGOpt, Cobyla or CMA"),
+        "seed": (int, lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1"),
+        "variant": (str, lambda v: v in ("paper", "author"), "paper or author"),
+        "bounds": (str, lambda v: v in ("unit", "author"), "unit or author"),
+        "budget_per_component": (int, lambda v: 1 <= v <= 100_000, "an integer in 1..100000"),
+        "accept_ties": _FLAG,
+        "refine": _FLAG,
+    },
+    "learned": {
+        "epochs": (int, lambda v: 1 <= v <= 10_000, "an integer in 1..10000"),
+        "lr": (float, lambda v: v > 0, "a number > 0, e.g. 0.05"),
+        "batch_size": (int, lambda v: 1 <= v <= 1_000_000, "an integer in 1..1000000"),
+        "temperature": _FLAG,
+        "seed": (int, lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1"),
+    },
+}  # fmt: skip
 _PATHS = ("init", "held_out", "out")
+
+
+def _is_a(value: Any, kind: Kind) -> bool:
+    """YAML's types: a bool is a bool only, an int is also a float."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, tuple({*kinds, int} if float in kinds else kinds))
+
+
+def _show(value: Any) -> str:
+    """repr(value), at most SHOW characters: a message never echoes a whole document."""
+    text = repr(value)
+    return text if len(text) <= SHOW else text[: SHOW - 3] + "..."
+
+
+def check_rules(values: Mapping[str, Any], rules: Mapping[str, Rule], where: str) -> None:
+    """Refuse an unknown key, a value of the wrong type or out of range (`rules`), in one sentence
+    naming the key, its value and what is allowed (as FinetuneConfig does with FIELD_RULES)."""
+    unknown = [k for k in values if k not in rules]
+    if unknown:
+        raise MMSoupError(
+            f"{where} has the unknown key {_show(unknown[0])}; valid keys: {', '.join(rules)}."
+        )
+    for key, value in values.items():
+        kind, ok, allowed = rules[key]
+        if value is None:
+            continue  # the default
+        if not _is_a(value, kind):
+            raise MMSoupError(
+                f"{where}: {key}={_show(value)} has the wrong type ({type(value).__name__}); use {allowed}."
+            )
+        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+            problem = {str: "not known", int: "out of range", float: "out of range"}
+            why = problem.get(type(value), "not valid")
+            raise MMSoupError(f"{where}: {key}={_show(value)} is {why}; use {allowed}.")
 
 
 @dataclass
 class SoupConfig:
-    """A validated soup config: the keys of KEYS, paths resolved, and the file's text verbatim."""
+    """A validated soup config: the keys of RULES, paths resolved, and the file's text verbatim."""
 
     values: dict[str, Any]
     ingredients: list[str]
     text: str = ""
     source: str = "<dict>"
     overrides: dict[str, Any] = field(default_factory=dict)
+    base: str = ""  # the config's folder: files are named relative to it in messages
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -88,91 +212,222 @@ class SoupConfig:
         except KeyError:
             raise AttributeError(key) from None
 
+    def shown(self, path: str | os.PathLike) -> str:
+        """A path as the config names it: relative to its folder when inside it."""
+        return _shown(path, self.base or os.curdir)
+
+
+def _read_yaml(path: Path) -> tuple[Any, str]:
+    """A config file's mapping and text: UTF-8, bounded, no aliases/anchors (an alias bomb
+    expands a few lines into gigabytes), refused in one sentence that never echoes the file."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+                raise MMSoupError(
+                    f"Config {path} uses the YAML {'alias' if sign == '*' else 'anchor'} "
+                    f"{sign}{str(event.anchor)[:40]} (line {event.start_mark.line + 1}); aliases and "
+                    "anchors are refused (they can expand a small file without bound), write the values out."
+                )
+            return super().compose_node(parent, index)
+
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise MMSoupError(
+            f"Config {path} is {size} bytes, more than a soup config's {MAX_CONFIG_BYTES}; pass the YAML config file."
+        )
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MMSoupError(
+            f"Config {path} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save it as UTF-8."
+        ) from e
+    try:
+        return yaml.load(text, Loader=NoAliases), text  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        problem = " ".join(str(e).split())
+        raise MMSoupError(
+            f"Config {path} is not valid YAML ({problem[:SHOW]}); fix its syntax."
+        ) from e
+    except RecursionError as e:
+        raise MMSoupError(
+            f"Config {path} nests too deeply to be a soup config; write it as a flat mapping of keys."
+        ) from e
+
 
 def load_config(
     config: str | os.PathLike | Mapping[str, Any], overrides: Mapping[str, Any] | None = None
 ) -> SoupConfig:
-    """Read and check a soup config (a YAML file or a dict); `overrides` (CLI flags) win over keys."""
-    import yaml
+    """Read and check a soup config (a YAML file or a dict); `overrides` (CLI flags) win over keys.
 
+    Every key and value is checked here (RULES, SECTIONS), before anything is built or imported:
+    code named by the config runs only with `trust_code` (`factories.check_trust`)."""
     if isinstance(config, Mapping):
         raw, text, source, base = dict(config), "", "<dict>", Path.cwd()
     else:
         path = Path(config).expanduser()
         if not path.is_file():
             raise MMSoupError(f"Config {path} does not exist; check the path.")
-        text, source, base = path.read_text(), str(path), path.parent
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise MMSoupError(f"Config {path} is not valid YAML ({e}); fix its syntax.") from e
+        source, base = str(path), path.parent
+        raw, text = _read_yaml(path)
         if not isinstance(raw, dict):
             raise MMSoupError(f"Config {path} must be a YAML mapping of keys (model:, ...).")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     raw |= given
-    unknown = sorted(set(raw) - set(KEYS))
-    if unknown:
-        raise MMSoupError(
-            f"Config {source} has the unknown key {unknown[0]!r}; valid keys: {', '.join(KEYS)}."
-        )
-    values = {k: raw.get(k, default) for k, (_, default) in KEYS.items()}
-    for key, (kind, _) in KEYS.items():
-        if values[key] is not None and not isinstance(values[key], kind):
-            raise MMSoupError(
-                f"Config {source}: {key!r} must be {_kind_name(kind)}, got {values[key]!r}."
-            )
+    check_rules(raw, RULES, f"Config {source}")
+    values = {k: raw[k] if raw.get(k) is not None else deepcopy(DEFAULTS.get(k)) for k in RULES}
+    for section, rules in SECTIONS.items():
+        check_rules(values[section], rules, f"Config {source}, {section}")
+        values[section] = {k: v for k, v in values[section].items() if v is not None}
     for key in ("model", "ingredients"):
         if values[key] is None:
             raise MMSoupError(f"Config {source} lacks the key {key!r}; add it (see the README).")
-    bad = [r for r in values["recipes"] if r not in RECIPES]
-    if bad:
-        raise MMSoupError(
-            f"Config {source}: unknown recipe {bad[0]!r}; pick from {', '.join(RECIPES)}."
-        )
-    if values["bn_recalibration"] not in BN_MODES:
-        raise MMSoupError(
-            f"Config {source}: bn_recalibration must be one of {', '.join(BN_MODES)}, got {values['bn_recalibration']!r}."
-        )
     for key in _PATHS:
         if values[key] is not None:
             values[key] = str(base / Path(values[key]).expanduser())
     if values["model"].startswith((".", "/", "~")):  # a model folder, relative to the config
         values["model"] = str(base / Path(values["model"]).expanduser())
-    return SoupConfig(
-        values, _ingredients(values["ingredients"], base, source), text, source, given
-    )
+    _check_classes(values, source)
+    from mmsoup.factories import check_name, check_trust
+
+    check_trust(values["model"], values["model_kwargs"], values["trust_code"], f"Config {source}: ")
+    check_name(values["model"])
+    ingredients = _ingredients(values["ingredients"], base, source)
+    _check_out(values, base, source)
+    return SoupConfig(values, ingredients, text, source, given, str(base))
 
 
-def _kind_name(kind) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        list: "a list",
-        dict: "a mapping",
-    }
-    return " or ".join(names[k] for k in kinds)
+def _check_classes(values: Mapping[str, Any], source: str) -> None:
+    """`classes:` and model_kwargs' num_classes, when both are given, agree."""
+    n, classes = values["model_kwargs"].get("num_classes"), values["classes"]
+    if classes is not None and _is_a(n, int) and n != len(classes):
+        raise MMSoupError(
+            f"Config {source} lists {len(classes)} classes but model_kwargs has num_classes={n}; make them agree."
+        )
 
 
 def _ingredients(entries: list[str] | str, base: Path, source: str) -> list[str]:
-    """Checkpoint paths: each entry a path or a glob pattern, relative to the config's folder."""
+    """Checkpoint paths: each entry a path or a glob pattern, relative to the config's folder;
+    at least two distinct files (one model is no soup)."""
     paths: list[str] = []
-    for entry in [entries] if isinstance(entries, str) else entries:
-        pattern = str(base / Path(str(entry)).expanduser())
-        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not found or not os.path.exists(found[0]):
+    entries = [entries] if isinstance(entries, str) else entries
+    if not entries:
+        raise MMSoupError(
+            f"Config {source} has no ingredients; list two or more checkpoints (paths or globs) under ingredients:."
+        )
+    for entry in entries:
+        if not isinstance(entry, str) or not entry.strip():
             raise MMSoupError(
-                f"Config {source}: ingredient {entry!r} matches no file ({pattern}); check the path."
+                f"Config {source}: ingredient {_show(entry)} is not a path; list paths or globs as strings."
+            )
+        pattern = str(base / Path(entry).expanduser())
+        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not found or not os.path.lexists(found[0]):
+            raise MMSoupError(
+                f"Config {source}: ingredient {_show(entry)} matches no file ({pattern}); check the path."
             )
         paths += found
+    seen: dict[str, str] = {}
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            raise MMSoupError(
+                f"Config {source}: ingredient {p} is listed twice (also as {seen[real]}); list each checkpoint once."
+            )
+        seen[real] = p
+    if len(paths) == 1:
+        raise MMSoupError(
+            f"Config {source}: the ingredients are only {_shown(paths[0], base)}, and one model is no soup (nothing would be mixed); list two or more checkpoints."
+        )
     return paths
 
 
+def _outputs(values: Mapping[str, Any]) -> list[Path]:
+    """Every path `soup` writes under `out` (each soup as a file, a folder of shards, a sidecar)."""
+    out = Path(values["out"])
+    names = ["MODEL_CARD.md"]
+    for r in values["recipes"]:
+        names += [f"{r}.safetensors", f"{r}.json", r, f"{r}/model.safetensors.index.json"]
+    return [out] + [out / n for n in names]
+
+
+def _shown(path: str | os.PathLike, base: str | os.PathLike) -> str:
+    """A path as the config names it: relative to the config's folder when inside it."""
+    rel = os.path.relpath(os.fspath(path), base)
+    return os.fspath(path) if rel.startswith(os.pardir) else rel
+
+
+def _matches(pattern: str, path: Path) -> bool:
+    """Whether glob.glob(pattern) would list `path` (component by component, as glob matches)."""
+    from fnmatch import fnmatchcase
+
+    want, got = Path(pattern).parts, path.parts
+    return len(want) == len(got) and all(fnmatchcase(g, w) for w, g in zip(want, got))
+
+
+def _check_out(values: Mapping[str, Any], base: Path, source: str) -> None:
+    """`out` must not lie among the ingredients: a second run would soup the first run's soups."""
+    entries = values["ingredients"]
+    for entry in [entries] if isinstance(entries, str) else entries:
+        pattern = os.path.normpath(base / Path(entry).expanduser())
+        for path in _outputs(values):
+            if _matches(pattern, Path(os.path.normpath(path))):
+                raise MMSoupError(
+                    f"Config {source}: out {_shown(values['out'], base)} lies inside the ingredients' {_show(entry)} "
+                    "(a second run would soup the first run's soups); pick an out folder outside it."
+                )
+
+
 # -- held-out data --------------------------------------------------------------------------------
-def load_held_out(path: str | os.PathLike, transform: Callable | None) -> tuple[Tensor, Tensor]:
-    """(inputs, labels) of an ImageFolder directory (the model's own preprocessing) or a tensor file
-    (`.pt`/`.npz` with `images` or `inputs`, and `labels`)."""
+def check_held_out_classes(
+    path: str | os.PathLike, classes: list[str] | None, num_classes: int | None
+) -> list[str] | None:
+    """An ImageFolder's class folders are the model's classes (`classes:` in order, or
+    `num_classes` of them): a missing folder would shift every later label. Returns the classes
+    in label order (None: not a folder)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        found = find_classes(str(path))[0]
+    except FileNotFoundError as e:
+        raise MMSoupError(
+            f"Held-out folder {path} is not an ImageFolder ({e}); use one folder per class of images."
+        ) from e
+    if classes is not None:
+        missing = [c for c in classes if c not in found]
+        extra = [c for c in found if c not in classes]
+        if missing or extra:
+            what = (
+                f"lacks the class folder {missing[0]!r}"
+                if missing
+                else f"has the folder {extra[0]!r}"
+            )
+            raise MMSoupError(
+                f"Held-out folder {path} {what} ({len(missing)} missing, {len(extra)} not in classes:); "
+                "its class folders must be exactly the config's classes."
+            )
+        return list(classes)
+    if num_classes is not None and len(found) != num_classes:
+        raise MMSoupError(
+            f"Held-out folder {path} has {len(found)} class folders but the model has num_classes={num_classes} "
+            "(a missing folder shifts every later label); add the missing folders or list the model's classes under classes:."
+        )
+    return found
+
+
+def load_held_out(
+    path: str | os.PathLike, transform: Callable | None, classes: list[str] | None = None
+) -> tuple[Tensor, Tensor]:
+    """(inputs, labels) of an ImageFolder directory (the model's own preprocessing; `classes`:
+    the folder names in label order, else sorted) or a tensor file (`.pt`/`.npz` with `images` or
+    `inputs`, and `labels`); refused in one sentence if it cannot be a held-out set."""
     path = Path(path)
     if path.is_dir():
         from torchvision.datasets import ImageFolder
@@ -181,31 +436,92 @@ def load_held_out(path: str | os.PathLike, transform: Callable | None) -> tuple[
             raise MMSoupError(
                 f"No image preprocessing is known for this model; pass held_out as a tensor file instead of {path}."
             )
+
+        class Folder(ImageFolder):
+            def find_classes(self, directory):
+                if classes is None:
+                    return super().find_classes(directory)
+                return list(classes), {c: i for i, c in enumerate(classes)}
+
         try:
-            data = ImageFolder(str(path), transform=transform)
+            data = Folder(str(path), transform=transform)
         except (FileNotFoundError, RuntimeError) as e:
             raise MMSoupError(
                 f"Held-out folder {path} is not an ImageFolder ({e}); use one folder per class of images."
             ) from e
         pairs = [data[i] for i in tqdm(range(len(data)), desc="held-out images", leave=False)]
-        return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+        inputs, labels = torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+        _check_held_out(inputs, labels, path)
+        return inputs, labels
     if not path.is_file():
         raise MMSoupError(f"Held-out data {path} does not exist; check the path.")
-    if path.suffix == ".npz":
-        with np.load(path) as f:
-            data = {k: torch.from_numpy(f[k]) for k in f.files}
-    elif path.suffix in (".pt", ".pth"):
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    else:
+    if path.suffix not in (".npz", ".pt", ".pth"):
         raise MMSoupError(
             f"Held-out data {path} has suffix {path.suffix!r}; pass an ImageFolder directory, .pt or .npz."
         )
+    import pickle
+    import zipfile
+
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as f:  # allow_pickle=False: an object array is refused
+                data = {k: torch.from_numpy(f[k]) for k in f.files}
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, ValueError) as e:
+        if "allow_pickle" in str(e) or "GLOBAL" in str(e) or "weights_only" in str(e).lower():
+            raise MMSoupError(
+                f"Held-out data {path} is refused: it holds pickled objects, which would run code "
+                "(only tensors and arrays are read); re-save it with plain tensors or numeric arrays."
+            ) from e
+        raise MMSoupError(
+            f"Held-out data {path} is truncated or corrupt ({type(e).__name__}); re-save it."
+        ) from e
+    except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, TypeError) as e:
+        raise MMSoupError(
+            f"Held-out data {path} is truncated or corrupt ({type(e).__name__}); re-save it."
+        ) from e
     inputs = data.get("images", data.get("inputs")) if isinstance(data, Mapping) else None
     if inputs is None or "labels" not in data:
         raise MMSoupError(
             f"Held-out data {path} must hold 'images' (or 'inputs') and 'labels'; re-save it as such a mapping."
         )
-    return torch.as_tensor(inputs), torch.as_tensor(data["labels"]).long()
+    try:
+        inputs, labels = torch.as_tensor(inputs), torch.as_tensor(data["labels"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise MMSoupError(
+            f"Held-out data {path}: images and labels must be numeric tensors or arrays ({type(e).__name__}); re-save them."
+        ) from e
+    if labels.is_floating_point() and not torch.equal(labels, labels.round()):
+        raise MMSoupError(
+            f"Held-out data {path}: labels must be integer class indices, got {labels.dtype} fractions; re-save them."
+        )
+    _check_held_out(inputs, labels.long(), path)
+    return inputs, labels.long()
+
+
+def _check_held_out(inputs: Tensor, labels: Tensor, path: Path) -> None:
+    """As many labels as inputs, inputs finite and not all one value (a blank or broken export)."""
+    if labels.ndim != 1 or len(labels) != len(inputs):
+        raise MMSoupError(
+            f"Held-out data {path} has {len(inputs)} inputs but labels of shape {tuple(labels.shape)}; "
+            "give one label per input."
+        )
+    if not len(inputs):
+        return  # the Evaluator's own sentence: an empty held-out set
+    flat = inputs.reshape(len(inputs), -1)
+    if flat.is_floating_point():
+        bad = (~torch.isfinite(flat)).any(dim=1)
+        if bad.any():
+            raise MMSoupError(
+                f"Held-out data {path}: {int(bad.sum())} of {len(inputs)} inputs hold NaN or Inf values "
+                f"(the first: #{int(bad.nonzero()[0])}); re-export the held-out set."
+            )
+    if bool((flat == flat[0, 0]).all()):
+        raise MMSoupError(
+            f"Held-out data {path}: every input holds the same value {flat[0, 0].item()!r}, so no "
+            "model can be told apart on it; re-export the held-out set."
+        )
 
 
 # -- BatchNorm recalibration (torch.optim.swa_utils.update_bn) -------------------------------------
@@ -296,26 +612,66 @@ def _check_fits(model: nn.Module, path: str, config: SoupConfig) -> None:
             )
 
 
+def check_ingredients(cfg: SoupConfig, paths: list[str]) -> None:
+    """Every ingredient's keys, shapes and dtypes (headers only, no tensor read, no code run)
+    against the first's, before the first evaluation; the error names the offending file."""
+    from mmsoup.checkpoints import read_spec
+
+    first, name0 = read_spec(paths[0]), cfg.shown(paths[0])
+    for path in paths[1:]:
+        spec, name = read_spec(path), cfg.shown(path)
+        missing, extra = sorted(first.keys() - spec.keys()), sorted(spec.keys() - first.keys())
+        if missing or extra:
+            what = (
+                f"lacks the key {missing[0]!r}" if missing else f"has the unknown key {extra[0]!r}"
+            )
+            raise MMSoupError(
+                f"{name} {what} ({len(missing)} missing, {len(extra)} unexpected) compared with {name0}; "
+                "every ingredient must be a checkpoint of the same model."
+            )
+        for key, (shape, dtype) in spec.items():
+            if shape != first[key][0]:
+                raise MMSoupError(
+                    f"{name}: {key!r} has shape {shape} but {name0} has {first[key][0]}; "
+                    "every ingredient must be a checkpoint of the same model."
+                )
+            if dtype != first[key][1]:
+                raise MMSoupError(
+                    f"{name}: {key!r} has dtype {dtype} but {name0} has {first[key][1]}; "
+                    "convert all checkpoints to one dtype."
+                )
+
+
 def open_pool(
     config: SoupConfig | str | os.PathLike | Mapping[str, Any],
     val_acc: Callable[[Mapping[str, Tensor]], float] | None = None,
 ) -> Pool:
-    """Build the model, check the checkpoints fit it, load the held-out set (or take `val_acc`)."""
+    """Check every input (the config, every ingredient's header, the held-out classes), then build
+    the model, check the checkpoints fit it, load the held-out set (or take `val_acc`)."""
     cfg = config if isinstance(config, SoupConfig) else load_config(config)
     check_writable(cfg.out, "out")
     if cfg.init is not None and not os.path.exists(cfg.init):
         raise MMSoupError(f"Config {cfg.source}: init {cfg.init} does not exist; check the path.")
-    built = create_model(cfg.model, image_size=cfg.image_size, **cfg.model_kwargs)
+    check_ingredients(cfg, cfg.ingredients)
+    if val_acc is None and cfg.held_out is None:
+        raise MMSoupError(
+            f"Config {cfg.source} lacks 'held_out'; add an ImageFolder or tensor file (or pass val_acc from Python)."
+        )
+    classes = None
+    if val_acc is None:
+        if not os.path.exists(cfg.held_out):
+            raise MMSoupError(f"Held-out data {cfg.held_out} does not exist; check the path.")
+        n = cfg.model_kwargs.get("num_classes")
+        classes = check_held_out_classes(cfg.held_out, cfg.classes, n if _is_a(n, int) else None)
+    built = create_model(
+        cfg.model, image_size=cfg.image_size, trust_code=cfg.trust_code, **cfg.model_kwargs
+    )
     model = built.module
     ings, file_keys = _under_model_keys(cfg.ingredients, built.checkpoint_keys)
     _check_fits(model, ings[0], cfg)
     if val_acc is not None:
         return Pool(cfg, model, ings, val_acc, None, file_keys)
-    if cfg.held_out is None:
-        raise MMSoupError(
-            f"Config {cfg.source} lacks 'held_out'; add an ImageFolder or tensor file (or pass val_acc from Python)."
-        )
-    images, labels = load_held_out(cfg.held_out, built.transform)
+    images, labels = load_held_out(cfg.held_out, built.transform, classes)
     recal = cfg.bn_recalibration == "each" and bn_statistics(model)
     kind = RecalibratingEvaluator if recal else Evaluator
     ev = kind(model, images, labels, device=cfg.device, batch_size=cfg.batch_size)
@@ -558,11 +914,10 @@ def inspect_pool(
 def cmd_soup(args) -> None:
     """`mmsoup soup --config soup.yaml`: flags override the config's keys."""
     over = {"out": args.out, "shard_size": args.shard_size, "device": args.device}
-    over["recipes"] = args.recipe
+    over |= {"recipes": args.recipe, "trust_code": True if args.trust_code else None}
     cfg = load_config(
         args.config, {k: (str(v) if k == "out" and v else v) for k, v in over.items()}
     )
-    _shard_size(cfg.shard_size)
     results = soup_from_config(cfg)
     for recipe in cfg.recipes:
         print(f"{recipe:16s} {results[recipe].val_acc:.4f}  {results['files'][recipe]}")
@@ -571,7 +926,8 @@ def cmd_soup(args) -> None:
 
 def cmd_inspect(args) -> None:
     """`mmsoup inspect --config soup.yaml`: the pre-flight table."""
-    table = inspect_pool(load_config(args.config, {"device": args.device}))
+    over = {"device": args.device, "trust_code": True if args.trust_code else None}
+    table = inspect_pool(load_config(args.config, over))
     print(f"best: {table.attrs['best']} ({table.attrs['best_acc']:.4f})")
     print(table.to_string(index=False))
     flagged = table[table["collapse"]]["candidate"].tolist() if len(table) else []

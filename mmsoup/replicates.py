@@ -397,3 +397,43 @@ def compare(run_dir: str | os.PathLike, profile: str, replicates_csv: str | os.P
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def versus(rows: pd.DataFrame, a: str, b: str, col: str = "delta_ood") -> pd.DataFrame:
+    """Per replicate: method `a` minus method `b` (points), e.g. MMS-C8 − greedy soup."""
+    wide = rows.pivot(index="replicate", columns="method", values=col)
+    return (wide[a] - wide[b]).rename(f"{a} − {b}").to_frame()
+
+
+def findings(rows: pd.DataFrame) -> list[str]:
+    """One sentence per method from the replicate study's numbers (chapter 08's closing list)."""
+    from mmsoup.ablation import paired
+
+    table = spread(rows)
+    n = rows["replicate"].nunique()
+    words = {
+        "gain": "beats the best model",
+        "loss": "falls below the best model",
+        "unclear": "is not told apart from the best model",
+    }
+    out = []
+    for _, rec in table.iterrows():
+        if rec["method"] == "Best individual":
+            continue
+        parts = []
+        for col, axis in (("delta_ood", "out of distribution"), ("delta_id", "in distribution")):
+            parts.append(
+                f"{words[verdict(rec, col)]} {axis} ({_fmt(rec, col)}, W–T–L {_wtl(rec, col)})"
+            )
+        out.append(f"**{rec['method']}** {parts[0]} and {parts[1]}.")
+    mms = [m for m in rows["method"].unique() if m.startswith("MMS-") and "+" not in m]
+    diffs = paired(rows.assign(condition="all"), mms[0], "Greedy soup") if mms else None
+    if diffs is not None and len(diffs):
+        x = diffs.iloc[0]
+        out.append(
+            f"**{mms[0]} − greedy soup**, Avg OOD, over the {n} replicates: {x['mean']:+.2f} "
+            f"[{x['lo']:+.2f}, {x['hi']:+.2f}]; MMS higher in {int(x['wins'])}, equal in "
+            f"{int(x['ties'])}, lower in {int(x['losses'])}: the comparison MMS's claim over the "
+            "Soups baselines needs (chapter 09 asks why)."
+        )
+    return out

@@ -307,6 +307,7 @@ BAD_VALUES: dict[str, tuple[object, object]] = {
     "warmup_frac": (None, 1.0),
     "train_images": (10.5, 1),
     "arch": (7, ""),
+    "heldout_images": ("2000", 999),
 }
 MORE_BAD_VALUES = [("lr", float("nan")), ("lr", float("inf")), ("batch_size", 0),
                      ("randaug_m", -1), ("label_smoothing", -0.1), ("warmup_frac", -0.5),
@@ -530,19 +531,24 @@ def _(tmp):
 
 
 # -- soup your own checkpoints (mmsoup.own) ---------------------------------------------------------
-def _own_config(tmp: Path, **keys) -> list[str]:
-    """A soup.yaml over the two-checkpoint pool of an nn.Sequential MLP (test_errors:_mlp3)."""
+def _own_config(
+    tmp: Path, second: dict[str, torch.Tensor] | None = None, command: str = "soup", **keys
+) -> list[str]:
+    """A soup.yaml over the two-checkpoint pool of an nn.Sequential MLP (test_errors:_mlp3, a
+    Python factory: trust_code: true); a key given as None is left out of the file."""
     import yaml
 
-    _pool(tmp)
+    _pool(tmp, second)
     config = {
         "model": "test_errors:_mlp3",
+        "trust_code": True,
         "ingredients": ["pool/*.safetensors"],
         "held_out": "held.pt",
         "out": "soup",
     } | keys
+    config = {k: v for k, v in config.items() if v is not None}
     (tmp / "soup.yaml").write_text(yaml.safe_dump(config))
-    return ["soup", "--config", str(tmp / "soup.yaml")]
+    return [command, "--config", str(tmp / "soup.yaml")]
 
 
 def _mlp3() -> nn.Module:
@@ -565,6 +571,7 @@ def _(tmp):
 
 @case("own: keys do not match the model", "lacks '2.bias'", "pick the model the checkpoints")
 def _(tmp):
+    _held(tmp, torch.randn(4, 3))  # a valid held-out set: the model is what is wrong
     return _own_config(tmp, model="test_errors:_mlp")
 
 
@@ -575,6 +582,306 @@ def _(tmp):
 
 @case("own: missing held-out file", "Held-out data", "held.pt does not exist")
 def _(tmp):
+    return _own_config(tmp)
+
+
+# A config is data, not code: what would import or run code is refused without the opt-in, and
+# every key and value is checked before the model is built ("own config:" rows: create_model too
+# must not be called).
+@case(
+    "own config: a Python factory without the opt-in",
+    "model 'subprocess:getoutput' is a Python factory",
+    "pass --trust-code (or set trust_code: true",
+)
+def _(tmp):
+    cmd = f"touch {tmp / 'pwned'}"  # the snapshot would see the file if it ran
+    return _own_config(
+        tmp, model="subprocess:getoutput", model_kwargs={"cmd": cmd}, trust_code=None
+    )
+
+
+@case(
+    "own config: trust_remote_code in model_kwargs without the opt-in",
+    "model_kwargs sets trust_remote_code",
+    "pass --trust-code",
+)
+def _(tmp):
+    kwargs = {"num_classes": 2, "trust_remote_code": True}
+    return _own_config(tmp, model="torchvision:resnet18", model_kwargs=kwargs, trust_code=None)
+
+
+@case(
+    "own config: a Hugging Face folder with auto_map (custom code) without the opt-in",
+    "hf names custom code (auto_map in its config)",
+    "pass --trust-code",
+)
+def _(tmp):
+    folder = tmp / "hf"
+    _write(folder / "modeling_evil.py", f"open({str(tmp / 'pwned')!r}, 'w').close()\n")
+    auto = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"}
+    _write(folder / "config.json", json.dumps({"model_type": "evil", "auto_map": auto}))
+    return _own_config(tmp, model="./hf", trust_code=None, command="inspect")
+
+
+@case(
+    "own config: a YAML alias bomb",
+    "uses the YAML anchor &a (line 1)",
+    "aliases and anchors are refused",
+    "write the values out",
+)
+def _(tmp):
+    _pool(tmp)
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    _write(tmp / "soup.yaml", "\n".join(lines + ["model: *i", "ingredients: [pool/*.safetensors]"]))
+    return ["soup", "--config", str(tmp / "soup.yaml")]
+
+
+@case("own config: not UTF-8", "is not UTF-8 text (byte 0xff at offset 14)", "save it as UTF-8")
+def _(tmp):
+    _pool(tmp)
+    (tmp / "soup.yaml").write_bytes(b"model: resnet-\xff\xfe\ningredients: [pool/*]\n")
+    return ["soup", "--config", str(tmp / "soup.yaml")]
+
+
+@case("own config: mms budget 0", "mms: budget=0 is out of range", "an integer in 1..100000")
+def _(tmp):
+    return _own_config(tmp, mms={"budget": 0})
+
+
+@case("own config: mms budget 'ten'", "mms: budget='ten' has the wrong type (str)", "an integer")
+def _(tmp):
+    return _own_config(tmp, mms={"budget": "ten"})
+
+
+@case("own config: mms tau NaN", "mms: tau=nan is out of range", "a number in [0, 1]")
+def _(tmp):
+    return _own_config(tmp, mms={"tau": float("nan")})
+
+
+@case("own config: mms tau 1.5", "mms: tau=1.5 is out of range", "a number in [0, 1]")
+def _(tmp):
+    return _own_config(tmp, mms={"tau": 1.5})
+
+
+@case("own config: unknown optimizer", "mms: optimizer='Cobila' is not known", "nevergrad")
+def _(tmp):
+    return _own_config(tmp, mms={"optimizer": "Cobila"})
+
+
+@case("own config: mms seed -1", "mms: seed=-1 is out of range", "an integer in 0..")
+def _(tmp):
+    return _own_config(tmp, mms={"seed": -1})
+
+
+@case(
+    "own config: unknown mms key",
+    "mms has the unknown key 'budjet'",
+    "valid keys: budget, tau, optimizer, seed",
+)
+def _(tmp):
+    return _own_config(tmp, mms={"budjet": 10})
+
+
+@case("own config: learned epochs 'x'", "learned: epochs='x' has the wrong type", "an integer")
+def _(tmp):
+    return _own_config(tmp, learned={"epochs": "x"}, recipes=["learned"])
+
+
+@case(
+    "own config: unknown learned key", "learned has the unknown key 'lrate'", "valid keys: epochs"
+)
+def _(tmp):
+    return _own_config(tmp, learned={"lrate": 0.1})
+
+
+@case("own config: inspect alphas ['x']", "alphas=['x'] is not valid", "numbers in [0, 1]")
+def _(tmp):
+    return _own_config(tmp, alphas=["x"], command="inspect")
+
+
+@case("own config: inspect barrier NaN", "barrier=nan is out of range", "a number in [0, 1]")
+def _(tmp):
+    return _own_config(tmp, barrier=float("nan"), command="inspect")
+
+
+@case("own config: no ingredients", "has no ingredients", "list two or more checkpoints")
+def _(tmp):
+    return _own_config(tmp, ingredients=[])
+
+
+@case("own config: one ingredient", "pool/a.safetensors", "one model is no soup", "two or more")
+def _(tmp):
+    return _own_config(tmp, ingredients=["pool/a.safetensors"])
+
+
+@case("own config: shard_size 0", "shard_size=0 is out of range", "a size > 0")
+def _(tmp):
+    return _own_config(tmp, shard_size=0)
+
+
+@case("own config: shard_size -1GB", "shard_size='-1GB' is not known", "'500MB'")
+def _(tmp):
+    return _own_config(tmp, shard_size="-1GB")
+
+
+@case("own config: batch_size 0", "batch_size=0 is out of range", "an integer in 1..")
+def _(tmp):
+    return _own_config(tmp, batch_size=0)
+
+
+@case("own config: partition blocks:0", "partition='blocks:0' is not known", "blocks:N")
+def _(tmp):
+    return _own_config(tmp, partition="blocks:0")
+
+
+@case("own config: empty recipes", "recipes=[] is not valid", "a non-empty list of uniform")
+def _(tmp):
+    return _own_config(tmp, recipes=[])
+
+
+@case(
+    "own config: out inside the ingredients' glob",
+    "soup.yaml: out soup lies inside the ingredients' '*/*.safetensors'",
+    "a second run would soup the first run's soups",
+    "pick an out folder outside it",
+)
+def _(tmp):
+    return _own_config(tmp, ingredients=["*/*.safetensors"], out="soup")
+
+
+@case(
+    "own config: classes and num_classes disagree",
+    "lists 2 classes but model_kwargs has num_classes=3",
+    "make them agree",
+)
+def _(tmp):
+    kwargs = {"num_classes": 3}
+    return _own_config(tmp, model="torchvision:resnet18", model_kwargs=kwargs, classes=["a", "b"])
+
+
+# Every ingredient's header before the model is built and anything evaluated.
+@case(
+    "own config: an ingredient with an unknown key",
+    "pool/b.safetensors has the unknown key 'head.weight' (0 missing, 1 unexpected) "
+    "compared with pool/a.safetensors",
+    "the same model",
+)
+def _(tmp):
+    return _own_config(tmp, _state(1, **{"head.weight": torch.ones(1)}))
+
+
+@case(
+    "own config: an ingredient of another shape",
+    "pool/b.safetensors: '0.weight' has shape (5, 3) but pool/a.safetensors has (4, 3)",
+)
+def _(tmp):
+    return _own_config(tmp, _state(1, **{"0.weight": torch.ones(5, 3)}))
+
+
+@case(
+    "own config: an ingredient of another dtype",
+    "pool/b.safetensors: '0.bias' has dtype torch.float16 but pool/a.safetensors has torch.float32",
+    "convert all checkpoints to one dtype",
+)
+def _(tmp):
+    return _own_config(tmp, _state(1, **{"0.bias": torch.ones(4, dtype=torch.float16)}))
+
+
+@case(
+    "own config: the third ingredient lacks a key",
+    "pool/c.pt lacks the key '2.weight' (1 missing, 0 unexpected) compared with pool/a.safetensors",
+)
+def _(tmp):
+    argv = _own_config(tmp, ingredients=["pool/*.safetensors", "pool/c.pt"])
+    torch.save(_state(2, **{"2.weight": None}), tmp / "pool" / "c.pt")
+    return argv
+
+
+@case(
+    "own config: a link to a text file among the ingredients",
+    "pool/c.safetensors (a link to",
+    "notes.txt) is not a safetensors file",
+    "leave it out",
+)
+def _(tmp):
+    _write(tmp / "notes.txt", "not a checkpoint\n")
+    argv = _own_config(tmp)
+    (tmp / "pool" / "c.safetensors").symlink_to(tmp / "notes.txt")
+    return argv
+
+
+# The held-out set: its classes, its values, its file format.
+def _png_folder(root: Path, names: list[str]) -> None:
+    from PIL import Image
+
+    for i, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / name / "0.png")
+
+
+@case(
+    "own config: held-out folder lacks a class folder",
+    "held has 2 class folders but the model has num_classes=3",
+    "a missing folder shifts every later label",
+    "classes:",
+)
+def _(tmp):
+    _png_folder(tmp / "held", ["cat", "fox"])
+    kwargs = {"num_classes": 3}
+    return _own_config(tmp, model="torchvision:resnet18", model_kwargs=kwargs, held_out="held")
+
+
+@case(
+    "own config: held-out folder differs from classes:",
+    "held lacks the class folder 'dog' (1 missing, 0 not in classes:)",
+    "exactly the config's classes",
+)
+def _(tmp):
+    _png_folder(tmp / "held", ["cat", "fox"])
+    return _own_config(
+        tmp, model="torchvision:resnet18", held_out="held", classes=["cat", "dog", "fox"]
+    )
+
+
+def _held(tmp: Path, images: torch.Tensor, **more) -> None:
+    torch.save({"images": images, "labels": torch.tensor([0, 1, 0, 1]), **more}, tmp / "held.pt")
+
+
+@case("own: held-out images all NaN", "held.pt: 4 of 4 inputs hold NaN or Inf", "re-export")
+def _(tmp):
+    _held(tmp, torch.full((4, 3), float("nan")))
+    return _own_config(tmp)
+
+
+@case("own: held-out images all one value", "every input holds the same value 0.0", "re-export")
+def _(tmp):
+    _held(tmp, torch.zeros(4, 3))
+    return _own_config(tmp)
+
+
+@case("own: held-out .pt holds a pickle", "held.pt is refused: it holds pickled objects", "re-save")
+def _(tmp):
+    marker = tmp / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    _held(tmp, torch.randn(4, 3), x=Payload())
+    return _own_config(tmp)
+
+
+@case("own: held-out .npz with an object array", "held.npz is refused: it holds pickled objects")
+def _(tmp):
+    labels = np.array([0, 1, 0, 1])
+    np.savez(tmp / "held.npz", images=np.array([{"a": 1}] * 4, dtype=object), labels=labels)
+    return _own_config(tmp, held_out="held.npz")
+
+
+@case("own: held-out labels do not match the images", "4 inputs but labels of shape (3,)")
+def _(tmp):
+    torch.save({"images": torch.randn(4, 3), "labels": torch.tensor([0, 1, 0])}, tmp / "held.pt")
     return _own_config(tmp)
 
 
@@ -737,12 +1044,14 @@ EXPENSIVE = (
     "mmsoup.replicates.run_replicate",
     "mmsoup.replicates.run_replicates",
     "mmsoup.distributed.init",
+    "mmsoup.own.run_recipes",
+    "mmsoup.evaluate.Evaluator.accuracy",
 )
 
 
-def _forbid_work(monkeypatch) -> None:
-    """Make every entry of EXPENSIVE fail the test if it is called."""
-    for target in EXPENSIVE:
+def _forbid_work(monkeypatch, targets: tuple[str, ...] = EXPENSIVE) -> None:
+    """Make every entry of `targets` (EXPENSIVE) fail the test if it is called."""
+    for target in targets:
 
         def started(*args, _name=target, **kwargs):
             pytest.fail(f"{_name} started before the bad input was refused")
@@ -761,6 +1070,8 @@ def test_each_bad_input_is_one_sentence_exit_2_and_nothing_written(
     needs_patch = "monkeypatch" in setup.__code__.co_varnames[: setup.__code__.co_argcount]
     job = setup(tmp_path, monkeypatch) if needs_patch else setup(tmp_path)
     _forbid_work(monkeypatch)  # no pretraining, training or notebook may start
+    if name.startswith("own config:"):  # refused from the config and headers alone
+        _forbid_work(monkeypatch, ("mmsoup.own.create_model",))
     before = _snapshot(tmp_path)
     if isinstance(job, list):
         argv = job
@@ -785,6 +1096,93 @@ def test_each_bad_input_is_one_sentence_exit_2_and_nothing_written(
         assert fragment in message, f"{fragment!r} not in {message!r}"
     after = _snapshot(tmp_path)
     assert after == before, f"files changed: {sorted(set(after) ^ set(before))}"
+
+
+@pytest.mark.parametrize("opt_in", ["--trust-code", "trust_code: true"])
+def test_a_python_factory_in_a_config_runs_only_with_the_opt_in(opt_in, tmp_path, capsys):
+    """`model: subprocess:getoutput` with a shell command: refused, and the command not run,
+    unless the user opts in; then the factory is called (and fails later: not an nn.Module)."""
+    marker = tmp_path / "ran"
+    cmd = {"cmd": f"touch {marker}"}
+    argv = _own_config(tmp_path, model="subprocess:getoutput", model_kwargs=cmd, trust_code=None)
+    _held(tmp_path, torch.randn(4, 3))
+    assert cli.main(argv) == 2 and not marker.exists()
+    assert "pass --trust-code" in capsys.readouterr().err
+    if opt_in == "--trust-code":
+        argv.append("--trust-code")
+    else:
+        argv = _own_config(tmp_path, model="subprocess:getoutput", model_kwargs=cmd)
+    assert cli.main(argv) == 2 and marker.exists()  # the opt-in let the factory run
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["mmsoup: error: Model factory 'subprocess:getoutput' returned str, not a "
+                   "torch nn.Module; return the model."]  # fmt: skip
+    assert not (tmp_path / "soup").exists()
+
+
+def test_a_hugging_face_folder_with_custom_code_is_imported_only_with_the_opt_in(
+    tmp_path, monkeypatch
+):
+    """auto_map in config.json: refused before transformers is asked; with trust_code=True,
+    transformers imports the folder's own module (the marker appears)."""
+    pytest.importorskip("transformers")
+    from mmsoup.factories import create_model
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder, marker = tmp_path / "hf", tmp_path / "imported"
+    code = "from transformers import PretrainedConfig\n"
+    code += f"open({str(marker)!r}, 'w').close()\n"
+    code += "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+    _write(folder / "configuration_evil.py", code)
+    auto = {"AutoConfig": "configuration_evil.EvilConfig"}
+    _write(folder / "config.json", json.dumps({"model_type": "evil", "auto_map": auto}))
+    with pytest.raises(MMSoupError, match="names custom code .*pass --trust-code"):
+        create_model(str(folder))
+    assert not marker.exists()
+    with pytest.raises(Exception):  # noqa: B017 (no model class is mapped: any later failure)
+        create_model(str(folder), trust_code=True)
+    assert marker.exists()
+
+
+def test_a_yaml_alias_bomb_is_refused_without_expanding_it(tmp_path):
+    """The billion laughs: 9 levels of 9 aliases (10^9 strings) refused at its first anchor, in
+    a short sentence that never echoes the document."""
+    from mmsoup.own import load_config
+
+    lines = ['lol: &a ["' + "x" * 1000 + '"]']
+    lines += [f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    _write(tmp_path / "soup.yaml", "\n".join(lines))
+    with pytest.raises(MMSoupError, match=r"uses the YAML anchor &a \(line 1\)") as e:
+        load_config(tmp_path / "soup.yaml")
+    assert len(str(e.value)) < 300 and "xxx" not in str(e.value)
+    _write(tmp_path / "alias.yaml", 'model: "timm:resnet18"\nout: *nowhere\n')
+    with pytest.raises(MMSoupError, match=r"uses the YAML alias \*nowhere \(line 2\)"):
+        load_config(tmp_path / "alias.yaml")
+
+
+def test_valid_own_configs_load_and_defaults_fill_in(tmp_path):
+    """The rules refuse only what is wrong: a config using every key loads as written."""
+    from mmsoup.own import load_config
+
+    _pool(tmp_path)
+    config = {
+        "model": "torchvision:resnet18", "model_kwargs": {"num_classes": 2}, "image_size": 32,
+        "ingredients": "pool/*.safetensors", "held_out": "held", "classes": ["cat", "dog"],
+        "recipes": ["uniform", "mms", "learned"], "partition": "C8+live",
+        "mms": {"budget": 5, "tau": 1, "optimizer": "Cobyla", "seed": 3, "variant": "author",
+                "bounds": "unit", "budget_per_component": 2, "accept_ties": True, "refine": False},
+        "learned": {"epochs": 1, "lr": 0.1, "batch_size": 8, "temperature": False, "seed": 0},
+        "bn_recalibration": "each", "batch_size": 4, "device": "cpu", "out": "out",
+        "shard_size": "2GB", "alphas": [0, 0.5, 1], "barrier": 0, "trust_code": False,
+    }  # fmt: skip
+    _write(tmp_path / "soup.yaml", json.dumps(config))  # JSON is YAML
+    cfg = load_config(tmp_path / "soup.yaml")
+    assert cfg.mms == config["mms"] and cfg.learned == config["learned"]
+    assert len(cfg.ingredients) == 2 and cfg.out == str(tmp_path / "out")
+    defaults = load_config(
+        {"model": "torchvision:resnet18", "ingredients": str(tmp_path / "pool/*")}
+    )
+    assert defaults.recipes == ["uniform", "greedy", "mms"] and defaults.trust_code is False
+    assert load_config(tmp_path / "soup.yaml", {"shard_size": 500}).shard_size == 500
 
 
 def test_a_single_ingredient_is_allowed_and_returned_as_the_soup(tmp_path):

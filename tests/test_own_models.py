@@ -113,7 +113,9 @@ def test_inspect_flags_a_candidate_from_another_basin(tmp_path, capsys):
     permuted |= {"2.weight": state["2.weight"][:, perm], "2.bias": state["2.bias"]}
     save_state_dict(permuted, tmp_path / "ft2.safetensors")
     torch.save({"inputs": x[1000:], "labels": y[1000:]}, tmp_path / "held_out.pt")
-    config = _config(tmp_path, model="toy_mlp:mlp", model_kwargs={}, init="init.safetensors")
+    config = _config(
+        tmp_path, model="toy_mlp:mlp", model_kwargs={}, init="init.safetensors", trust_code=True
+    )
     table = inspect_pool(config, progress=False).set_index("candidate")
     same = [c for c in table.index if c != "ft2.safetensors"]  # the other one of ft0, ft1
     assert len(same) == 1 and table.loc["ft2.safetensors", "collapse"]
@@ -149,10 +151,13 @@ def test_hugging_face_folders_are_found_in_the_local_cache_only(tmp_path, monkey
         create_model("hf:someone/some-model")
 
 
-def test_own_models_are_plain_modules(tmp_path):
+def test_own_models_are_plain_modules_built_only_when_trusted(tmp_path):
+    from mmsoup.errors import MMSoupError
     from mmsoup.factories import create_model
 
-    made = create_model("toy_mlp:mlp")
+    with pytest.raises(MMSoupError, match="is a Python factory.*pass --trust-code"):
+        create_model("toy_mlp:mlp")
+    made = create_model("toy_mlp:mlp", trust_code=True)
     assert isinstance(made.module, nn.Sequential) and made.source == "python"
 
 
