@@ -465,6 +465,37 @@ def costs(results: str | os.PathLike) -> pd.DataFrame:
     return means.reindex([c for c in CONDITIONS if c in means.index])
 
 
+def mechanism(metas: Sequence[dict[str, Any]]) -> list[str]:
+    """One sentence per condition on how MMS-C8 worked: the τ test, the evaluations its passes
+    used of the budget, the plateaus, how far λ* moved (from the published sidecars)."""
+    out = []
+    by: dict[str, list[dict[str, Any]]] = {}
+    for m in metas:
+        by.setdefault(m["condition"], []).append(m)
+    for cond, ms in by.items():
+        dec = pd.concat([decisions(m, m["n"]) for m in ms], ignore_index=True)
+        flat = [plateaus(m, m["n"]) for m in ms]
+        flat = pd.concat(flat, ignore_index=True) if any(len(f) for f in flat) else pd.DataFrame()
+        budget = int(ms[0]["info"]["params"]["budget"])
+        skipped = int((dec["decision"] == "skipped").sum())
+        text = (
+            f"**{cond}**: the τ test skipped {skipped} of {len(dec)} candidates "
+            f"({100 * skipped / len(dec):.0f} %; median margin {dec['margin_images'].median():+.0f} "
+            f"images, τ allows about {-(1 - 0.998) * dec['current'].mean() * ms[0]['n']:.0f})"
+        )
+        if len(flat):
+            opt = dec[dec["decision"] != "skipped"]
+            text += (
+                f"; its {len(flat)} Cobyla passes used {flat['evaluations'].mean():.0f} of the "
+                f"{budget} evaluations on average, found {flat['distinct'].mean():.1f} distinct "
+                f"held-out accuracies per pass and at best {flat['best_gain_images'].max()} images "
+                f"more than the plain average; λ* moved at most "
+                f"{opt['moved'].max():.2f} from λ0 (median {opt['moved'].median():.2f})"
+            )
+        out.append(text + ".")
+    return out
+
+
 def findings(rows: pd.DataFrame) -> list[str]:
     """One sentence per condition from the numbers: what MMS-C8 did and how it compares."""
     mg = paired(rows, "MMS-C8", "Greedy soup").set_index("condition")

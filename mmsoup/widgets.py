@@ -47,6 +47,7 @@ class LambdaExplorer:
                 f"λ* has {len(self.lambda_star)} entries but there are {m} components."
             )
         self.names = names
+        self.live: list[int] | None = None  # from_run: the live components' indices
         self.method: str | None = None  # what from_run opened: the soup, its step (1-based) of n
         self.step: int | None = None
         self.n_steps = 0
@@ -97,6 +98,31 @@ class LambdaExplorer:
             {"set": list(self._accuracies), "accuracy": list(self._accuracies.values())}
         )
 
+    def summary(self) -> list[str]:
+        """What this explorer shows, in sentences from its own numbers (chapter 06's closing
+        list): the step opened, how far λ* lies from one plain average, and what per-component
+        mixing changed on every set against that average (λ = λ0 everywhere)."""
+        import numpy as np
+
+        lam = np.asarray(self.lambda_star)
+        k = self.step
+        lam0 = k / (k + 1) if k else float(np.median(lam))
+        at_star = dict(self._star_accuracies)
+        plain = self.set_lambdas([lam0] * len(lam))
+        self.set_lambdas(self.lambda_star)
+        off = int((np.abs(lam - lam0) > 1e-9).sum())
+        lines = [self.opened + "." if self.opened else "Two models mixed per component."]
+        lines.append(
+            f"λ* ranges from {lam.min():.3f} to {lam.max():.3f}; {off} of {len(lam)} components "
+            f"left the plain running average λ0 = {lam0:.3f}."
+        )
+        deltas = ", ".join(f"{s} {at_star[s] - plain[s]:+.2f}" for s in at_star)
+        lines.append(
+            f"Per-component λ* against the plain average (points): {deltas}"
+            + (" — the same predictions." if all(at_star[s] == plain[s] for s in at_star) else ".")
+        )
+        return lines
+
     def static_figure(self, n_components: int = 2, points: int = 11, evaluator: str = "heldout"):
         """What the panel shows, as a figure for a page (a static copy of the notebook): the λ*
         of every component as bars, and `evaluator` accuracy along λ_j of the `n_components`
@@ -109,7 +135,9 @@ class LambdaExplorer:
         names = list(self.components)
         lam0 = float(np.median(self.lambda_star))  # the start point most components kept
         moved = np.abs(np.asarray(self.lambda_star) - lam0)
-        picks = [int(j) for j in np.argsort(-moved, kind="stable")[:n_components]]
+        live = getattr(self, "live", None) or range(len(names))  # inert ones change nothing
+        order = sorted(live, key=lambda j: -moved[j])  # stable: the first live ones on ties
+        picks = [int(j) for j in order[:n_components]]
         ev = self.evaluators.get(evaluator) or next(iter(self.evaluators.values()))
         grid = np.linspace(0.0, 1.0, points)
         curves = {}
@@ -393,6 +421,7 @@ def from_run(
     )
     explorer = LambdaExplorer(a, b, components, ctx.evaluators, lambda_star=lam, names=names)
     explorer.method, explorer.step, explorer.n_steps = method, k, n
+    explorer.live = over  # indices of the components that can change a prediction (None: all)
     if k is None:
         explorer.opened = (
             f"{method} accepted no candidate: its best ingredient against the runner-up"

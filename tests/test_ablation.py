@@ -183,6 +183,9 @@ def test_the_ablation_table_has_one_row_per_condition_replicate_and_method(small
     md = Path(paths[1]).read_text()
     assert "| paper | 1,200 | 12 | 5 | 2 |" in md
     assert len(ablation.findings(rows)) == 3
+    how = ablation.mechanism(ablation.load_metas(small_ablation / "results"))
+    assert [h.split("**")[1] for h in how] == ["today", "heldout", "paper"]
+    assert all("the τ test skipped" in h for h in how)
 
 
 def test_chapter_09_reads_the_published_ablation_alone(small_ablation, tmp_path):

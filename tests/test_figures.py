@@ -33,6 +33,12 @@ def test_the_committed_results_redraw_the_committed_figures(tmp_path):
     for name in ("figure2.png", "figure2.pdf", "replicates.png", *WHY_SOUPS):
         assert name in written and (out / name).stat().st_size > 5_000, name
         assert (ROOT / "figures" / name).is_file(), f"{name} is not committed"
+    if any((ROOT / "results" / "ablation").glob("*/r*/ablation.json")):  # chapter 09's study
+        for name in ("ablation.csv", "ablation.md"):
+            assert name in written
+            assert (out / name).read_bytes() == (ROOT / "figures" / name).read_bytes(), name
+        assert "ablation.png" in written and (ROOT / "figures" / "ablation.png").is_file()
+        assert not list((ROOT / "results" / "ablation").rglob("*.safetensors"))
     assert not list(COMMITTED.rglob("*.safetensors"))  # results, no checkpoints
     total = sum(p.stat().st_size for p in COMMITTED.rglob("*") if p.is_file())
     assert total < 2_000_000, total
