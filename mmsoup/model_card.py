@@ -39,16 +39,33 @@ def model_card(pool: Any, results: Mapping[str, Any]) -> str:
     cfg, names, accs = pool.config, pool.names, results["ingredient_val_accs"]
     soups = {r: results[r] for r in cfg.recipes}
     best = max(soups, key=lambda r: soups[r].val_acc)
+    best_file = Path(results["files"][best])
     lines = [
+        *_front_matter(cfg, list(soups)),
         f"# Soup of {len(names)} checkpoints of `{cfg.model}`",
         "",
         f"Made by mmsoup with `mmsoup soup --config {Path(cfg.source).name}`. Best on the held-out set: "
         f"**{best}** ({soups[best].val_acc:.4f}), file `{Path(results['files'][best]).name}`.",
         "",
+        *_how_to_load(cfg, best_file),
         "## Ingredients",
         "",
-        _table(pd.DataFrame({"#": range(len(names)), "checkpoint": names, "held-out acc": accs})),
+        _table(
+            pd.DataFrame(
+                {
+                    "#": range(len(names)),
+                    "checkpoint": [cfg.shown(p) for p in pool.ingredients],
+                    "held-out acc": accs,
+                    "sha256": [_sha256(p) for p in pool.ingredients],
+                }
+            )
+        ),
         "",
+        *(
+            [f"Fine-tuned from `init`: `{cfg.shown(cfg.init)}` (sha256 `{_sha256(cfg.init)}`).", ""]
+            if cfg.values.get("init")
+            else []
+        ),
         "## Soups",
         "",
     ]
@@ -144,3 +161,66 @@ def _extra_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
+
+
+LIBRARY = {"timm": "timm", "torchvision": "torchvision", "hf": "transformers"}
+
+
+def _front_matter(cfg: Any, recipes: list[str]) -> list[str]:
+    """The YAML front matter a merged model published on a hub carries (base model, tags,
+    library, a license to fill in)."""
+    kind = str(cfg.model).partition(":")[0] if ":" in str(cfg.model) else ""
+    folder = Path(str(cfg.model))
+    library = LIBRARY.get(kind) or (
+        "transformers" if (folder / "config.json").is_file() else "open_clip" if not kind else ""
+    )
+    base = str(cfg.shown(cfg.init)) if cfg.values.get("init") else str(cfg.model)
+    tags = ["model-soup", "mmsoup", "merge", *recipes]
+    return [
+        "---",
+        f"base_model: {json.dumps(base)}",
+        f"library_name: {library or 'pytorch'}",
+        "tags:",
+        *[f"- {json.dumps(t)}" for t in tags],
+        "license: other  # set the license your ingredients allow",
+        "---",
+        "",
+    ]
+
+
+def _how_to_load(cfg: Any, file: Path) -> list[str]:
+    """A snippet that rebuilds the model with mmsoup's factory and loads the best soup into it."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.values.get("image_size") is not None:
+        kwargs["image_size"] = cfg.image_size
+    if cfg.values.get("trust_code"):
+        kwargs["trust_code"] = True
+    args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    return [
+        "## How to load",
+        "",
+        "```python",
+        "from mmsoup.checkpoints import load_state_dict",
+        "from mmsoup.factories import create_model",
+        "",
+        f"built = create_model({str(cfg.model)!r}{args})",
+        f"state = load_state_dict({str(file.name)!r})  # the soup beside this card",
+        "keys = built.checkpoint_keys or {}  # file names -> module names (transformers >= 5)",
+        "built.module.load_state_dict({keys.get(k, k): v for k, v in state.items()})",
+        "model = built.module.eval()",
+        "```",
+        "",
+    ]
+
+
+def _sha256(path: Any) -> str:
+    """The sha256 of a checkpoint file (of its index file for a sharded checkpoint or folder)."""
+    from mmsoup.io import sha256_file
+
+    p = Path(path)
+    if p.is_dir():
+        index = [
+            f for f in ("model.safetensors.index.json", "model.safetensors") if (p / f).is_file()
+        ]
+        p = p / index[0] if index else p
+    return sha256_file(p) if p.is_file() else "-"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -126,6 +127,27 @@ def test_resnet_pool_through_the_cli_writes_soups_sidecars_and_the_model_card(tm
     assert config.read_text().strip() in card  # the config verbatim
     assert "| python | torch |" in card and torch.__version__ in card
     assert not list(out.glob(".*"))  # no temporary file left
+    # what a hub's merged model carries: front matter, each ingredient's sha256, a snippet that loads
+    assert card.startswith("---\nbase_model: ") and "\nlicense: other" in card
+    assert '- "model-soup"' in card and "library_name: torchvision" in card
+    from mmsoup.io import sha256_file
+
+    assert sha256_file(tmp_path / "ft0.safetensors") in card
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    cwd = os.getcwd()
+    try:
+        os.chdir(out)  # the snippet names the soup beside the card
+        exec(snippet, scope)
+    finally:
+        os.chdir(cwd)
+    best = max(
+        ("uniform", "greedy", "mms"),
+        key=lambda r: json.loads((out / f"{r}.json").read_text())["val_acc"],
+    )
+    loaded = scope["model"].state_dict()
+    for key, value in load_state_dict(out / f"{best}.safetensors").items():
+        assert torch.equal(loaded[key], value), key
 
 
 def test_bn_recalibration_recomputes_statistics_and_records_its_cost(tmp_path):
