@@ -596,29 +596,11 @@ def collect(results: str | os.PathLike) -> pd.DataFrame:
 
 
 def paired(rows: pd.DataFrame, a: str, b: str, col: str = "delta_ood") -> pd.DataFrame:
-    """Per condition: mean of (a − b) over replicates with a 95% t-interval, and W–T–L of a vs b."""
-    from mmsoup.replicates import t_interval
+    """Per condition: mean of (a − b) over replicates with a 95% t-interval, and W–T–L of a vs b
+    (`mmsoup.replicates.paired`, grouped by condition)."""
+    from mmsoup.replicates import paired as by_group
 
-    out = []
-    for cond, g in rows.groupby("condition", sort=False):
-        wide = g.pivot(index="replicate", columns="method", values=col)
-        if a not in wide or b not in wide:
-            continue
-        diff = (wide[a] - wide[b]).dropna().to_numpy()
-        mean, lo, hi = t_interval(diff)
-        out.append(
-            {
-                "condition": cond,
-                "replicates": len(diff),
-                "mean": mean,
-                "lo": lo,
-                "hi": hi,
-                "wins": int((diff > 1e-9).sum()),
-                "ties": int((np.abs(diff) <= 1e-9).sum()),
-                "losses": int((diff < -1e-9).sum()),
-            }
-        )
-    return pd.DataFrame(out)
+    return by_group(rows, a, b, col, by="condition")
 
 
 def markdown(rows: pd.DataFrame) -> str:

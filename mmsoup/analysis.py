@@ -588,3 +588,50 @@ def load_tables(run_dir: str | os.PathLike) -> tuple[dict[str, pd.DataFrame], di
         json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
     )
     return tables, meta
+
+
+# -- the chapters' tables, formatted for reading ---------------------------------------------------
+_HPARAM_FORMATS = {  # column -> (shown as, format); a missing value shows empty
+    "val_acc": ("held-out (%)", lambda x: f"{100 * x:.2f}"),
+    "lr": ("lr", lambda x: f"{x:.1e}"),
+    "weight_decay": ("weight decay", lambda x: f"{x:.1e}"),
+    "epochs": ("epochs", lambda x: f"{int(x)}"),
+    "label_smoothing": ("label smoothing", lambda x: f"{x:.2f}"),
+    "mixup_alpha": ("mixup α", lambda x: f"{x:.2f}"),
+    "randaug_m": ("RandAugment M", lambda x: f"{int(x)}"),
+    "randaug_n": ("RandAugment N", lambda x: f"{int(x)}"),
+    "seed": ("seed", lambda x: f"{int(x)}"),
+    "wall_seconds": ("train time (s)", lambda x: f"{x:.0f}"),
+}
+
+
+def hparam_display(runs: pd.DataFrame) -> pd.DataFrame:
+    """The sweep's table for reading (chapters 01, 07): one row per model, only the columns that
+    vary between runs, held-out accuracy in percent, integers as integers, rates in e-notation."""
+    varying = [c for c in runs.columns if c != "name" and runs[c].astype(str).nunique() > 1]
+    out = pd.DataFrame(index=pd.Index(runs["name"], name="model"))
+    for c in varying:
+        label, fmt = _HPARAM_FORMATS.get(c, (c, None))
+        col = runs[c].to_numpy()
+        out[label] = [
+            "" if pd.isna(v) else fmt(v) if fmt and not isinstance(v, str) else str(v) for v in col
+        ]
+    return out
+
+
+def training_curve_runs(runs: pd.DataFrame, losses: pd.DataFrame) -> dict[str, str]:
+    """The best, a middle and the worst fine-tuned run on held-out that logged losses, each with
+    its legend label (e.g. 'model_9: best on held-out, 95.60 %'); {} when none logged."""
+    if "val_acc" not in runs or losses.empty:
+        return {}
+    logged = set(losses["name"])
+    tuned = runs[(runs["name"] != "model_0") & runs["name"].isin(logged)]
+    ranked = tuned.dropna(subset=["val_acc"]).sort_values("val_acc", ascending=False)
+    if ranked.empty:
+        return {}
+    picks = {"best": 0, "middle": len(ranked) // 2, "worst": len(ranked) - 1}
+    out: dict[str, str] = {}
+    for role, i in picks.items():
+        r = ranked.iloc[i]
+        out.setdefault(r["name"], f"{r['name']}: {role} on held-out, {100 * r['val_acc']:.2f} %")
+    return out

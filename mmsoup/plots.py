@@ -97,8 +97,45 @@ def _style(label: str, extras: dict[str, Style]):
     return extras[label]
 
 
-def _scatter(ax, pts: pd.DataFrame, hollow: bool, extras: dict) -> None:
-    """Draw the points of one panel, filled (this run) or hollow (the papers' numbers)."""
+def _shared_offsets(pts: pd.DataFrame, near: float = 0.012) -> dict[int, tuple[float, float]]:
+    """Offsets in points for soups that would hide each other: those within `near` of the axes'
+    span of one another (e.g. an MMS soup that kept the greedy soup's models at λ = ½), spread on
+    a circle around the cluster, each with a leader line to its own point. Individual models keep
+    their place."""
+    soups = pts[pts["label"] != "Individual fine-tuned models"]
+    xr = max(float(pts["x"].max() - pts["x"].min()), 1e-9)
+    yr = max(float(pts["y"].max() - pts["y"].min()), 1e-9)
+    clusters: list[list[int]] = []
+    for i in soups.index:  # single linkage: join every cluster with a member near i
+        near_i = [
+            c
+            for c in clusters
+            if any(
+                abs(pts.at[i, "x"] - pts.at[j, "x"]) <= near * xr
+                and abs(pts.at[i, "y"] - pts.at[j, "y"]) <= near * yr
+                for j in c
+            )
+        ]
+        merged = [i] + [j for c in near_i for j in c]
+        clusters = [c for c in clusters if c not in near_i] + [merged]
+    out: dict[int, tuple[float, float]] = {}
+    for c in clusters:
+        if len(c) < 2:
+            continue
+        radius = max(13.0, 3.2 * len(c))
+        for k, i in enumerate(sorted(c)):
+            a = math.pi / 2 + 2 * math.pi * k / len(c)
+            out[i] = (radius * math.cos(a), radius * math.sin(a))
+    return out
+
+
+def _scatter(ax, pts: pd.DataFrame, hollow: bool, extras: dict, offsets=None) -> None:
+    """Draw the points of one panel, filled (this run) or hollow (the papers' numbers).
+
+    `offsets` (index -> (dx, dy) in points) moves markers that would hide each other."""
+    from matplotlib.transforms import offset_copy
+
+    offsets = offsets or {}
     for label, grp in pts.groupby("label", sort=False):
         marker, colour, size, z = _style(str(label), extras)
         kw = dict(marker=marker, s=size, zorder=z, label=label)
@@ -109,7 +146,19 @@ def _scatter(ax, pts: pd.DataFrame, hollow: bool, extras: dict) -> None:
             kw |= dict(color=colour, edgecolors="white", linewidths=0.6)
         if str(label) == "Individual fine-tuned models":
             kw["alpha"] = 0.85
-        ax.scatter(grp["x"], grp["y"], **kw)
+        moved = [i for i in grp.index if i in offsets]
+        rest = grp.drop(index=moved)
+        if len(rest):
+            ax.scatter(rest["x"], rest["y"], **kw)
+        for i in moved:
+            dx, dy = offsets[i]
+            x, y = grp.at[i, "x"], grp.at[i, "y"]
+            ax.annotate("", (x, y), xytext=(dx, dy), textcoords="offset points", zorder=1,
+                        arrowprops=dict(arrowstyle="-", color="#777777", lw=0.6,
+                                        shrinkA=0, shrinkB=0))  # fmt: skip
+            tr = offset_copy(ax.transData, fig=ax.figure, x=dx, y=dy, units="points")
+            ax.scatter([x], [y], transform=tr, **kw)
+            kw.pop("label", None)  # one legend entry per label
 
 
 def _legend_order(label: str) -> tuple[int, str]:
@@ -172,7 +221,12 @@ def figure2(
         FigureCanvasAgg(fig)
         ax = fig.subplots()
         extras: dict = {}
-        _scatter(ax, pts, hollow=False, extras=extras)
+        offsets = _shared_offsets(pts)
+        _scatter(ax, pts, hollow=False, extras=extras, offsets=offsets)
+        for i in sorted(offsets):  # where each moved marker really is
+            ax.scatter(
+                [pts.at[i, "x"]], [pts.at[i, "y"]], marker=".", s=8, color="black", zorder=20
+            )
         ax.set_xlabel(f"ID top-1 accuracy on {id_set} (%)")
         ax.set_ylabel(f"Avg OOD top-1 accuracy (%)\nmean over {len(shifts)} shifted test sets")
         legend_title = None
@@ -197,6 +251,9 @@ def figure2(
             title=legend_title,
             title_fontsize=10,
         )
+        if offsets:  # say why some markers sit on spokes
+            ax.set_title("soups at (nearly) one point are spread around it; a line leads to each "
+                         "one's point (black dot)", fontsize=8, loc="left", color="#555555")  # fmt: skip
         if title:
             fig.suptitle(title)
         out = Path(out_dir)
@@ -290,6 +347,25 @@ def _figure(width: float, height: float, ncols: int = 1):
     return fig, axes
 
 
+def _panels(n: int, width: float, height: float, ncols: int = 3):
+    """A Figure of n panels, at most `ncols` to a row (page width: ncols x `width` inches), and
+    the used axes in reading order; spare axes of the last row are hidden."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    n = max(1, n)
+    cols = min(ncols, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    for ax in axes[:n]:
+        ax.grid(True, color="#e6e6e6")
+        ax.set_axisbelow(True)
+    return fig, axes[:n]
+
+
 def _lr_colours(ax, fig, values: pd.Series, **scatter):
     """Scatter coloured by log10 learning rate (cividis), with a colour bar."""
     sc = ax.scatter(c=np.log10(values.to_numpy(float)), cmap="cividis", **scatter)
@@ -301,11 +377,13 @@ def plot_error_landscape(landscape: pd.DataFrame, title: str | None = None) -> F
     """Held-out error on the plane through θ_0, θ_a, θ_b with the models and their average (Soups Fig. 2)."""
     grid = landscape[landscape["point"] == "grid"]
     z = grid.pivot(index="y", columns="x", values="error")
-    fig, (ax,) = _figure(6.0, 5.0)
+    span = (grid["y"].max() - grid["y"].min()) / max(grid["x"].max() - grid["x"].min(), 1e-12)
+    fig, (ax,) = _figure(6.0, min(6.0, max(2.8, 4.9 * span + 1.0)))  # the plane's own aspect
     ax.grid(False)
     cs = ax.contourf(z.columns, z.index, z.to_numpy(), levels=12, cmap="viridis")
     ax.contour(z.columns, z.index, z.to_numpy(), levels=cs.levels, colors="white", linewidths=0.4)
-    fig.colorbar(cs, ax=ax, label="held-out error (%)")
+    cax = ax.inset_axes([1.04, 0.0, 0.045, 1.0])  # follows the axes' box: as tall as the plot
+    fig.colorbar(cs, cax=cax, label="held-out error (%)")
     style = {
         "θ_0": ("s", "black"),
         "θ_a": ("o", PALETTE["orange"]),
@@ -355,7 +433,7 @@ def plot_interpolation_advantage(pairs: pd.DataFrame) -> Figure:
 def plot_ensemble_vs_soup(pairs: pd.DataFrame) -> Figure:
     """Ensemble against soup accuracy of each pair, and their gap by learning rate (Soups Fig. 4)."""
     has_lr = "pair_lr" in pairs
-    fig, axes = _figure(11.0 if has_lr else 5.5, 4.4, ncols=2 if has_lr else 1)
+    fig, axes = _figure(9.6 if has_lr else 5.0, 4.2, ncols=2 if has_lr else 1)
     ax = axes[0]
     kw = {"x": pairs["soup"], "y": pairs["ensemble"], "s": 36, "edgecolors": "white", "zorder": 3}
     if has_lr:
@@ -391,7 +469,7 @@ def plot_ensemble_vs_soup(pairs: pd.DataFrame) -> Figure:
 def plot_random_order(curves: pd.DataFrame) -> Figure:
     """Best model, uniform and greedy soup as models arrive in random order (Soups Fig. B.1)."""
     panels = [("", "held-out")] + ([("_test", "test")] if "greedy_test" in curves else [])
-    fig, axes = _figure(5.2 * len(panels), 4.2, ncols=len(panels))
+    fig, axes = _figure(4.7 * len(panels), 4.0, ncols=len(panels))
     lines = (
         ("best", "best individual (by held-out)", PALETTE["grey"]),
         ("uniform", "uniform soup", PALETTE["blue"]),
@@ -521,17 +599,26 @@ def plot_lp_init(val_acc_by_c: dict[str, float], chosen: float | None = None) ->
     return fig
 
 
-def plot_training_curves(losses: pd.DataFrame, names: Sequence[str] | None = None) -> Figure:
-    """Training loss against step for a few sweep runs (notebook 01; from analysis.training_losses)."""
+def plot_training_curves(
+    losses: pd.DataFrame,
+    names: Sequence[str] | None = None,
+    labels: dict[str, str] | None = None,
+) -> Figure:
+    """Training loss against step for a few sweep runs (notebook 01; from analysis.training_losses).
+
+    `labels` names each run in the legend (e.g. 'model_9: best on held-out, 95.60 %')."""
     fig, (ax,) = _figure(5.6, 3.6)
     if losses.empty:
         return _message(fig, ax, "no training losses were recorded for this sweep")
     names = list(names) if names is not None else sorted(losses["name"].unique())
+    labels = labels or {}
     for i, name in enumerate(names):
         g = losses[losses["name"] == name]
-        ax.plot(g["step"], g["loss"], marker="o", ms=3, color=_CYCLE[i % len(_CYCLE)], label=name)
+        ax.plot(g["step"], g["loss"], marker="o", ms=3, color=_CYCLE[i % len(_CYCLE)],
+                label=labels.get(name, name))  # fmt: skip
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (soft-target CE)")
+    ax.set_ylabel("loss of one mini-batch\n(soft-target CE)")
+    ax.set_title("logged every 50 steps: one batch each, so noisy", fontsize=9)
     ax.legend(frameon=False, fontsize=8)
     return fig
 
@@ -559,8 +646,7 @@ def plot_greedy_path(path: pd.DataFrame, title: str = "Greedy soup") -> Figure:
 
 def plot_mms_decisions(decisions: dict[str, pd.DataFrame]) -> Figure:
     """Per MMS candidate: the τ test (Ψ̃ vs τ·acc(Ψ)) and the optimised accuracy, one panel per recipe (MMS Alg. 1)."""
-    n = max(1, len(decisions))
-    fig, axes = _figure(4.4 * n, 4.0, ncols=n)
+    fig, axes = _panels(len(decisions), 3.3, 3.3)
     for ax, (name, d) in zip(axes, decisions.items()):
         x = d["step"].to_numpy()
         # the bars each candidate faces: acc(Ψ) before it (accept) and τ·acc(Ψ) (optimise at all)
@@ -576,22 +662,21 @@ def plot_mms_decisions(decisions: dict[str, pd.DataFrame]) -> Figure:
                    zorder=4, label="best λ* found")  # fmt: skip
         counts = d["decision"].value_counts()
         summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("accepted", "rejected", "skipped"))
-        ax.set_title(f"{name}: {summary}", fontsize=9)
+        ax.set_title(f"{name}\n{summary}", fontsize=9)
         ax.set_xticks(x, [f"model_{c}" for c in d["candidate"]], rotation=90, fontsize=7)
-        ax.set_xlabel("candidate (best-first)")
-    axes[0].set_ylabel("held-out top-1 (%)")
+        ax.set_xlabel("candidate (best-first)", fontsize=8)
+        ax.set_ylabel("held-out top-1 (%)", fontsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
     for k in ("accepted", "rejected", "skipped"):
         handles.append(axes[0].scatter([], [], color=DECISION_COLOURS[k], s=30))
         labels.append(k)
-    fig.legend(handles, labels, loc="outside lower center", ncols=7, frameon=False, fontsize=8)
+    fig.legend(handles, labels, loc="outside lower center", ncols=4, frameon=False, fontsize=8)
     return fig
 
 
 def plot_mms_traces(traces: dict[str, pd.DataFrame], decisions: dict[str, pd.DataFrame]) -> Figure:
     """The optimizer's held-out accuracy per evaluation of each optimised candidate, one panel per recipe."""
-    n = max(1, len(traces))
-    fig, axes = _figure(4.4 * n, 3.8, ncols=n)
+    fig, axes = _panels(len(traces), 3.3, 3.2)
     for ax, (name, t) in zip(axes, traces.items()):
         d = decisions[name].set_index("candidate")
         optimised = [c for c in d.index if d.loc[c, "decision"] != "skipped"]
@@ -607,18 +692,18 @@ def plot_mms_traces(traces: dict[str, pd.DataFrame], decisions: dict[str, pd.Dat
             ax.plot(g["k"], np.maximum.accumulate(g["acc"].to_numpy()), color=colour, lw=1.8,
                     label=f"model_{c} ({d.loc[c, 'decision']})")  # fmt: skip
             ax.axhline(d.loc[c, "psi_acc"], color=colour, ls=":", lw=1)
-        ax.set_title(f"{name}: evaluations per candidate (dotted: acc(Ψ))", fontsize=9)
-        ax.set_xlabel("evaluation of the candidate's search (0: every λ at λ0)")
+        ax.set_title(f"{name} (dotted: acc(Ψ))", fontsize=9)
+        ax.set_xlabel("evaluation (0: every λ at λ0)", fontsize=8)
+        ax.set_ylabel("held-out top-1 (%)", fontsize=8)
         ax.legend(frameon=False, fontsize=7)
-    axes[0].set_ylabel("held-out top-1 (%): each (thin), best so far (thick)")
+    fig.suptitle("thin: each evaluation; thick: best so far", fontsize=9)
     return fig
 
 
 def plot_mms_lambdas(lambdas: dict[str, pd.DataFrame]) -> Figure:
     """λ* per component of each accepted step, one heat map per recipe (1: keep Ψ, 0: take θ_i)."""
-    n = max(1, len(lambdas))
     rows = max((len(v) for v in lambdas.values()), default=1)
-    fig, axes = _figure(3.6 * n + 1.0, 0.22 * rows + 1.8, ncols=n)
+    fig, axes = _panels(len(lambdas), 3.1, 0.2 * rows + 1.3)
     im = None
     for ax, (name, lam) in zip(axes, lambdas.items()):
         ax.grid(False)
@@ -635,7 +720,7 @@ def plot_mms_lambdas(lambdas: dict[str, pd.DataFrame]) -> Figure:
                     color="white" if v < 0.5 else "black")  # fmt: skip
         ax.set_title(f"{name}: λ* per accepted step", fontsize=9)
     if im is not None:
-        fig.colorbar(im, ax=list(axes), label="λ*: share of Ψ kept", shrink=0.8)
+        fig.colorbar(im, ax=list(axes), label="λ*: share of Ψ kept", shrink=0.6)
     return fig
 
 
@@ -719,7 +804,7 @@ def plot_accuracy_by_set(acc: pd.DataFrame, id_set: str, shifts: Sequence[str]) 
     wide = by_set(acc, ["heldout" if HELDOUT_SET in set(acc["set"]) else id_set, id_set, *shifts])
     wide = wide.loc[:, ~wide.columns.duplicated()]
     wide[AVG_OOD] = wide[list(shifts)].mean(axis=1)
-    fig, (ax,) = _figure(1.1 * wide.shape[1] + 2.6, 0.28 * len(wide) + 1.4)
+    fig, (ax,) = _figure(min(9.5, 0.9 * wide.shape[1] + 2.4), 0.28 * len(wide) + 1.4)
     ax.grid(False)
     # each column on its own scale: a column's best and worst methods stand out
     z = (wide - wide.min()) / (wide.max() - wide.min()).replace(0, 1)

@@ -405,10 +405,36 @@ def versus(rows: pd.DataFrame, a: str, b: str, col: str = "delta_ood") -> pd.Dat
     return (wide[a] - wide[b]).rename(f"{a} − {b}").to_frame()
 
 
+def paired(
+    rows: pd.DataFrame, a: str, b: str, col: str = "delta_ood", by: str | None = None
+) -> pd.DataFrame:
+    """Mean of (a − b) over replicates with a 95% t-interval and W–T–L of a against b, one row
+    per group of column `by` (e.g. the ablation's condition; None: one group, "all")."""
+    out = []
+    groups = rows.groupby(by, sort=False) if by else [("all", rows)]
+    for key, g in groups:
+        wide = g.pivot(index="replicate", columns="method", values=col)
+        if a not in wide or b not in wide:
+            continue
+        diff = (wide[a] - wide[b]).dropna().to_numpy()
+        mean, lo, hi = t_interval(diff)
+        out.append(
+            {
+                by or "group": key,
+                "replicates": len(diff),
+                "mean": mean,
+                "lo": lo,
+                "hi": hi,
+                "wins": int((diff > 1e-9).sum()),
+                "ties": int((np.abs(diff) <= 1e-9).sum()),
+                "losses": int((diff < -1e-9).sum()),
+            }
+        )
+    return pd.DataFrame(out)
+
+
 def findings(rows: pd.DataFrame) -> list[str]:
     """One sentence per method from the replicate study's numbers (chapter 08's closing list)."""
-    from mmsoup.ablation import paired
-
     table = spread(rows)
     n = rows["replicate"].nunique()
     words = {
@@ -427,7 +453,7 @@ def findings(rows: pd.DataFrame) -> list[str]:
             )
         out.append(f"**{rec['method']}** {parts[0]} and {parts[1]}.")
     mms = [m for m in rows["method"].unique() if m.startswith("MMS-") and "+" not in m]
-    diffs = paired(rows.assign(condition="all"), mms[0], "Greedy soup") if mms else None
+    diffs = paired(rows, mms[0], "Greedy soup") if mms else None
     if diffs is not None and len(diffs):
         x = diffs.iloc[0]
         out.append(

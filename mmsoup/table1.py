@@ -244,6 +244,27 @@ def _fmt_ci(d: float, lo: float, hi: float) -> str:
     return f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
+def for_display(table: pd.DataFrame, deltas: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Table 1 for a notebook: the individual rows name their model, accuracies as '95.50';
+    with `deltas` (`bootstrap_deltas`), the Δ ID and Δ Avg OOD columns instead, each
+    '+0.53 [-0.10, +1.20]' (the bookkeeping columns `model`, `baseline`, `n_boot` left out)."""
+    if deltas is None:
+        shown = table[_value_columns(table)].map(lambda x: _fmt(x, "–"))
+        shown.index = [_row_label(m, table.at[m, "model"]) for m in table.index]
+    else:
+        shown = pd.DataFrame(
+            {
+                f"Δ {axis} [95% CI]": [
+                    _fmt_ci(r[col], r[f"{col}_lo"], r[f"{col}_hi"]) for _, r in deltas.iterrows()
+                ]
+                for axis, col in (("ID", "delta_id"), (AVG_OOD, "delta_ood"))
+            },
+            index=[_row_label(m, deltas.at[m, "model"]) for m in deltas.index],
+        )
+    shown.index.name = "method"
+    return shown
+
+
 def _markdown(table: pd.DataFrame, deltas: pd.DataFrame | None, note: str | None) -> str:
     """Render Table 1 (and the bootstrap deltas) as GitHub Markdown with 2 decimals."""
     cols = _value_columns(table)

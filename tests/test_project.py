@@ -102,3 +102,88 @@ def test_no_import_cycles():
 
     cycles = [c for m in sorted(graph) if (c := cycle_from(m))]
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+# -- issue 26: chapters that say what they show, laid out for a page ---------------------------------
+EXECUTED = sorted((ROOT / "notebooks" / "executed").glob("*.ipynb"))
+LONG_FLOAT = re.compile(r"(?<![\w.])-?\d+\.\d{5,}(?!\d)")  # 83.518931, np.float64(0.00188...)
+PAGE_INCHES = 10.5  # ~10 inches: a figure wider than this does not fit a page at its saved dpi
+# Executed before issue 26 and not yet re-executed (they need the embedded run's checkpoints):
+# `make reproduce` regenerates them; then this set must shrink (strict xfail).
+STALE_EXECUTED = {
+    "02_soups.ipynb",
+    "03_ood_evaluation.ipynb",
+    "06_lambda_explorer.ipynb",
+    "07_why_soups_work.ipynb",
+}
+NO_FINDINGS: set[str] = set()  # every chapter closes on what its run shows
+
+
+def _png_inches(data: str) -> float:
+    """Width in inches of a base64 PNG: pixels over the dpi of its pHYs chunk (72 without one)."""
+    import base64
+    import struct
+
+    png = base64.b64decode(data)
+    width = struct.unpack(">I", png[16:20])[0]
+    dpi, i = 72.0, 8
+    while i < len(png):
+        length, kind = struct.unpack(">I4s", png[i : i + 8])
+        if kind == b"pHYs":
+            ppu, _, unit = struct.unpack(">IIB", png[i + 8 : i + 17])
+            dpi = ppu * 0.0254 if unit == 1 else dpi
+            break
+        if kind == b"IDAT":
+            break
+        i += 12 + length
+    return width / dpi
+
+
+def page_problems(path: Path) -> list[str]:
+    """What in an executed notebook would not read on a page: a float with more than four
+    decimals in a table (text/plain or text/html outputs), or a figure wider than PAGE_INCHES."""
+    nb = nbformat.read(path, as_version=4)
+    out = []
+    for k, cell in enumerate(nb.cells):
+        for o in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            data = o.get("data", {})
+            for mime in ("text/plain", "text/html"):
+                text = data.get(mime, "")
+                text = text.split("</style>")[-1]  # a Styler's CSS is not the table
+                if found := LONG_FLOAT.findall(text):
+                    out.append(f"cell {k}: {mime} shows {found[0]}")
+            if "image/png" in data and (w := _png_inches(data["image/png"])) > PAGE_INCHES:
+                out.append(f"cell {k}: a figure {w:.1f} inches wide")
+    return out
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            p,
+            marks=pytest.mark.xfail(strict=True, reason="executed before issue 26; regenerate")
+            if p.name in STALE_EXECUTED
+            else (),
+        )
+        for p in EXECUTED
+    ],
+    ids=lambda p: p.name,
+)
+def test_executed_chapters_fit_a_page(path):
+    assert page_problems(path) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_chapter_ends_with_what_its_run_shows(path):
+    if path.name in NO_FINDINGS:
+        pytest.skip("chapter 06 closes on 'What the panel shows'")
+    nb = nbformat.read(path, as_version=4)
+    headings = [
+        line
+        for c in nb.cells
+        if c.cell_type == "markdown"
+        for line in c.source.splitlines()
+        if line.startswith("#")
+    ]
+    assert any(h.lstrip("#").strip() == "What this run shows" for h in headings)
