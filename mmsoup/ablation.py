@@ -167,14 +167,6 @@ def run_condition(
         t_soups = time.perf_counter() - start
         with pinned(get_profile(s).threads):
             score(s, run_dir)
-        if r == 0 and "MMS-C8" in recipes:  # one replicate's landscape, for chapter 09
-            try:
-                table = landscape(s, run_dir)
-            except MMSoupError:  # MMS accepted no candidate: no step to draw
-                table = None
-            if table is not None:
-                with atomic_path(run_dir / "results" / "landscape.csv") as tmp:
-                    table.to_csv(tmp, index=False)
         write_json(
             run_dir / DONE,
             {
@@ -186,6 +178,15 @@ def run_condition(
                 "machine": machine_info(),
             },
         )
+    land = run_dir / "results" / "landscape.csv"
+    if r == 0 and "MMS-C8" in recipes and not land.is_file():  # replicate 0's, for chapter 09
+        try:
+            table = landscape(s, run_dir)
+        except MMSoupError:  # MMS accepted no candidate: no step to draw
+            table = None
+        if table is not None:
+            with atomic_path(land) as tmp:
+                table.to_csv(tmp, index=False)
     if results is not None:
         publish(run_dir, Path(results) / condition / f"r{r}")
     return run_dir
@@ -248,6 +249,18 @@ def publish(run_dir: Path, dest: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             shutil.copyfile(f, tmp)
+
+
+def publish_pools(root: str | os.PathLike, results: str | os.PathLike) -> list[Path]:
+    """Copy each shared sweep's timings.json (its wall time) from the run folders to `results`."""
+    out = []
+    for t in sorted(Path(root).glob("pools/h*/r*/timings.json")):
+        dest = Path(results) / t.relative_to(root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(t, tmp)
+        out.append(dest)
+    return out
 
 
 def run(
@@ -356,14 +369,14 @@ def landscape(
     """Held-out accuracy along single λ_j of one accepted MMS step, the others at λ* (MMS Alg. 1).
 
     `step` None: the step whose λ* differs most between components (`soups.most_uneven_step`).
-    For the `n_components` components whose λ* moved furthest from λ0 (the first ones if none
-    moved), λ_j runs over `points` values in [0, 1]: what the optimizer could have found. Rows:
+    For the `n_components` live components (those that can change a prediction) whose λ* moved
+    furthest from λ0 (the first live ones if none moved), λ_j runs over `points` values in [0, 1]: what the optimizer could have found. Rows:
     component, lam, acc (fraction), hits (images), lam_star, lam0. Needs the run's checkpoints.
     """
     from mmsoup.checkpoints import read_sidecar
     from mmsoup.context import context, ingredient_paths
     from mmsoup.determinism import pinned
-    from mmsoup.partition import partition
+    from mmsoup.partition import live_components, partition
     from mmsoup.profiles import get_profile
     from mmsoup.recipes import recipe
     from mmsoup.widgets import explorer_inputs
@@ -380,8 +393,10 @@ def landscape(
             raise MMSoupError(f"{method} in {run_dir} accepted no candidate: no step to explore.")
         lam0 = k / (k + 1)
         moved = np.abs(np.asarray(lam_star) - lam0)
-        picks = [int(j) for j in np.argsort(-moved, kind="stable")[:n_components]]
         names = list(comps)
+        _, inert = live_components(comps, ev.model)  # their λ changes no prediction
+        live = [j for j, c in enumerate(names) if c not in inert] or list(range(len(names)))
+        picks = sorted(live, key=lambda j: -moved[j])[:n_components]
         rows = []
         for j in picks:
             for x in np.linspace(0.0, 1.0, points):
@@ -509,7 +524,9 @@ def findings(rows: pd.DataFrame) -> list[str]:
         moved = mms["lambda_moved"].dropna()
         x, b = mg.loc[cond], mb.loc[cond]
         side = (
-            "better than greedy soup"
+            "one replicate: no verdict"
+            if x["replicates"] < 2
+            else "better than greedy soup"
             if x["lo"] > 0
             else "worse than greedy soup"
             if x["hi"] < 0
@@ -522,12 +539,12 @@ def findings(rows: pd.DataFrame) -> list[str]:
         )
         out.append(
             f"**{cond}** ({int(first['heldout_images']):,} held-out images, {int(first['budget'])} "
-            f"evaluations, {int(first['models'])} runs; {int(x['replicates'])} replicates): MMS-C8 "
+            f"evaluations, {int(first['models'])} runs; replicates: {int(x['replicates'])}): MMS-C8 "
             f"optimised {mms['candidates_optimised'].mean():.1f} of {int(first['models'])} "
             f"candidates on average and {moved_text}; MMS-C8 − greedy soup, Avg OOD "
-            f"{x['mean']:+.2f} [{x['lo']:+.2f}, {x['hi']:+.2f}] "
+            f"{interval(x)} "
             f"({int(x['wins'])}–{int(x['ties'])}–{int(x['losses'])}): {side}; MMS-C8 − best model "
-            f"{b['mean']:+.2f} [{b['lo']:+.2f}, {b['hi']:+.2f}]."
+            f"{interval(b)}."
         )
     return out
 
@@ -595,6 +612,13 @@ def collect(results: str | os.PathLike) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
+def interval(x: pd.Series) -> str:
+    """'+0.12 [-0.30, +0.54]' from a `paired` row; one replicate has no interval."""
+    if x["replicates"] < 2:
+        return f"{x['mean']:+.2f} (one replicate, no interval)"
+    return f"{x['mean']:+.2f} [{x['lo']:+.2f}, {x['hi']:+.2f}]"
+
+
 def paired(rows: pd.DataFrame, a: str, b: str, col: str = "delta_ood") -> pd.DataFrame:
     """Per condition: mean of (a − b) over replicates with a 95% t-interval, and W–T–L of a vs b
     (`mmsoup.replicates.paired`, grouped by condition)."""
@@ -624,7 +648,7 @@ def markdown(rows: pd.DataFrame) -> str:
         if c not in t.index:
             return "–"
         x = t.loc[c]
-        return f"{x['mean']:+.2f} [{x['lo']:+.2f}, {x['hi']:+.2f}]"
+        return interval(x)
 
     for cond, g in rows.groupby("condition", sort=False):
         mms = g[g["method"] == "MMS-C8"]

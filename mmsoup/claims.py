@@ -209,7 +209,7 @@ def mms_beside_ablation(figures_dir: str | os.PathLike) -> pd.DataFrame:
     each condition of the conditions ablation (`figures_dir/ablation.csv`, `mmsoup.ablation`),
     points, with a 95% t-interval over the ablation's replicates. Only the papers' row when
     there is no ablation."""
-    from mmsoup.ablation import paired
+    from mmsoup.ablation import interval, paired
     from mmsoup.papers import mms_vs_baselines
 
     paper = mms_vs_baselines().set_index("MMS-C8 minus")
@@ -241,6 +241,6 @@ def mms_beside_ablation(figures_dir: str | os.PathLike) -> pd.DataFrame:
             }
             for name, table in cols.items():
                 x = table.loc[cond]
-                rec[name] = f"{x['mean']:+.2f} [{x['lo']:+.2f}, {x['hi']:+.2f}]"
+                rec[name] = interval(x)
             out.append(rec)
     return pd.DataFrame(out).set_index("source")

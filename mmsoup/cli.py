@@ -620,6 +620,8 @@ def cmd_ablation(args: argparse.Namespace) -> None:
             args.replicates, args.root, conditions, recipes, args.base, args.jobs, args.results
         )
     check_writable(args.out, "--out")
+    if args.root.is_dir():  # the shared sweeps' wall times, for the cost of each condition
+        ablation.publish_pools(args.root, args.results)
     paths = ablation.write_summary(args.results, args.out)
     print(Path(paths[1]).read_text())
     if args.executed is not None:  # chapter 09 reads only the published results
