@@ -113,7 +113,6 @@ PAGE_INCHES = 10.5  # ~10 inches: a figure wider than this does not fit a page a
 STALE_EXECUTED = {
     "02_soups.ipynb",
     "03_ood_evaluation.ipynb",
-    "06_lambda_explorer.ipynb",
     "07_why_soups_work.ipynb",
 }
 NO_FINDINGS: set[str] = set()  # every chapter closes on what its run shows
