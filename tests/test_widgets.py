@@ -148,3 +148,36 @@ def test_another_step_can_still_be_chosen_and_a_wrong_one_is_one_clear_error(dig
         )
     with pytest.raises(MMSoupError, match="accepted step"):
         explorer_inputs(d["paths"], d["comps"], d["meta"], len(steps) + 1)
+
+
+def test_the_static_figure_draws_accuracy_along_one_lambda_and_leaves_lambda_star(explorer):
+    explorer.reset()
+    before = explorer.readouts()
+    fig = explorer.static_figure(n_components=2, points=5)
+    bars, curves = fig.axes[0], fig.axes[1]
+    assert [round(p.get_width(), 3) for p in bars.patches] == [0.7, 0.2, 0.5]
+    lines = [ln for ln in curves.get_lines() if len(ln.get_xdata()) == 5]
+    assert len(lines) == 2  # the two components furthest from the median λ* (0.5): 0.2, 0.7
+    short = [
+        n.replace("model.visual.", "visual.").replace("model.", "") for n in explorer.components
+    ]
+    assert {ln.get_label() for ln in lines} == {short[0], short[1]}
+    # each curve is the readout of the model mixed at that λ, the others at λ*
+    comp = short.index(lines[0].get_label())
+    lam = list(explorer.lambda_star)
+    lam[comp] = 1.0
+    expected = explorer.set_lambdas(lam)["heldout"]
+    assert lines[0].get_ydata()[-1] == pytest.approx(expected)
+    explorer.reset()
+    assert explorer.readouts().equals(before)
+
+
+def test_the_summary_compares_lambda_star_with_the_plain_average(explorer):
+    explorer.reset()
+    lines = explorer.summary()
+    assert "λ* ranges from 0.200 to 0.700" in lines[1]
+    plain = explorer.set_lambdas([0.5, 0.5, 0.5])  # no step: λ0 is the median λ*
+    star = explorer.reset()
+    expected = f"heldout {star['heldout'] - plain['heldout']:+.2f}"
+    assert expected in lines[2]
+    assert "2 of 3 components left" in lines[1]
