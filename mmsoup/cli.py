@@ -25,7 +25,7 @@ from typing import Any
 
 from mmsoup.errors import MMSoupError, Parser
 from mmsoup.io import cache_root, check_free_space, check_readable, check_writable
-from mmsoup.progress import pretrain_lines
+from mmsoup.progress import end_bars, pretrain_lines
 
 Handler = Callable[[argparse.Namespace], "int | None"]
 
@@ -338,12 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MMSoupError as e:
         if debug:
             raise
+        end_bars()  # the error on a line of its own, not after a live bar
         print(f"mmsoup: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print("mmsoup: error: interrupted", file=sys.stderr)
+        end_bars()
+        print(f"mmsoup: error: interrupted{f' {e}' if str(e) else ''}", file=sys.stderr)
         return 1
     return int(status or 0)
 

@@ -32,16 +32,76 @@ T = TypeVar("T")
 _EVALUATORS: dict[str, DistributedEvaluator] = {}  # name -> evaluator, the same on every rank
 
 
-def init(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int]:
-    """Join the process group torchrun describes (env://); (rank, world size), (0, 1) without it."""
+RENDEZVOUS_S = 300.0  # how long a rank waits for the others to start
+
+
+def init(
+    backend: str | None = None, timeout_s: float = 1800.0, rendezvous_s: float = RENDEZVOUS_S
+) -> tuple[int, int]:
+    """Join the process group torchrun describes (env://); (rank, world size), (0, 1) without it.
+
+    Ranks started by hand (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT) wait at most
+    `rendezvous_s` for each other, then fail in one sentence naming the ranks that never came;
+    `timeout_s` bounds each collective once all are there."""
     if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
             return 0, 1
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun started them all
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        else:
+            rank = int(os.environ.get("RANK", "0"))
+            store = _rendezvous(rank, world, rendezvous_s)
+            store.set_timeout(timedelta(seconds=timeout_s))
+            dist.init_process_group(
+                backend,
+                store=store,
+                rank=rank,
+                world_size=world,
+                timeout=timedelta(seconds=timeout_s),
+            )
     return dist.get_rank(), dist.get_world_size()
+
+
+def _rendezvous(rank: int, world: int, seconds: float) -> dist.Store:
+    """The TCP store every rank meets at (rank 0 serves it), waited for at most `seconds`."""
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = os.environ.get("MASTER_PORT")
+    if not port:
+        raise MMSoupError(
+            f"WORLD_SIZE={world} but MASTER_PORT is not set; start the ranks with torchrun, or set MASTER_ADDR and MASTER_PORT."
+        )
+    try:
+        return dist.TCPStore(
+            host,
+            int(port),
+            world,
+            is_master=rank == 0,
+            timeout=timedelta(seconds=seconds),
+            wait_for_workers=True,
+        )
+    except (RuntimeError, OSError) as e:  # DistStoreError / DistNetworkError: nobody came
+        text = str(e)
+        if rank == 0:
+            import re
+
+            joined = re.search(r"(\d+)/(\d+) clients joined", text)
+            came = int(joined.group(1)) if joined else 1
+            others = ", ".join(str(r) for r in range(1, world))
+            who = (
+                f"rank{'s' if world > 2 else ''} {others} never started"
+                if came <= 1
+                else f"only {came} of the {world} ranks started (of ranks {others})"
+            )
+        else:
+            who = f"rank 0 (the store at {host}:{port}) never started"
+        raise MMSoupError(
+            f"Rank {rank} of WORLD_SIZE={world} waited {seconds:g} s and {who}; start every rank "
+            f"(torchrun --nproc_per_node={world} ...) or raise --timeout."
+        ) from e
 
 
 def rank_world() -> tuple[int, int]:

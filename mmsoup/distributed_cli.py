@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--device", default=None)
     ap.add_argument("--backend", default=None, help="gloo / nccl (default: nccl with CUDA)")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=distributed.RENDEZVOUS_S,
+        help=f"seconds to wait for every rank to start (default: {distributed.RENDEZVOUS_S:g})",
+    )
     ap.add_argument("--no-reuse", action="store_true", help="no prefix-activation reuse")
     ap.add_argument("--cache-mb", type=float, default=512.0)
     ap.add_argument("--out", type=Path, required=True, help="the soup (.safetensors), rank 0 only")
@@ -89,6 +95,10 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0.0 <= args.tau <= 1.0:
         raise MMSoupError(
             f"--tau {args.tau} is out of range; use a number in [0, 1] (paper: 0.998)."
+        )
+    if not args.timeout > 0 or args.timeout != args.timeout or args.timeout == float("inf"):
+        raise MMSoupError(
+            f"--timeout {args.timeout} is out of range; use a number of seconds > 0 (default 300)."
         )
     if not args.cache_mb >= 0:
         raise MMSoupError(f"--cache-mb {args.cache_mb} is out of range; use a number >= 0.")
@@ -119,7 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from mmsoup.soups import greedy_soup, manifold_mixing_soup, optimizer_class, uniform_soup
 
     check_args(args)
-    rank, world = distributed.init(args.backend)
+    rank, world = distributed.init(args.backend, rendezvous_s=args.timeout)
     paths = _pool(args.ingredients)
     first = load_state_dict(paths[0])
     head = first["classification_head.weight"].shape[0]

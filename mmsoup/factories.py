@@ -80,6 +80,8 @@ def _transformers(folder: Path, trust_code: bool = False, **kwargs: Any) -> Mode
         def transform(img):
             return processor(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
+        transform.processor = processor  # what it applies: resize, crop, mean, std (mmsoup.own)
+
     return Model(module, transform, "transformers", _saved_keys(module))
 
 

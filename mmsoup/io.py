@@ -63,6 +63,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:  # data reaches the disk before the rename makes it visible
             os.fsync(f.fileno())
+        # mkstemp creates 0600; the output gets the mode open() would give it (0666 & ~umask)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -71,6 +73,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 f"The disk filled up while writing {path}; free space and run again (nothing was written)."
             ) from e
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the kernel reports it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def public_dir(path: str | os.PathLike) -> Path:
+    """Give a folder made by tempfile.mkdtemp (0700) the mode os.mkdir would (0777 & ~umask)."""
+    os.chmod(path, 0o777 & ~current_umask())
+    return Path(path)
 
 
 def _disk_full(e: BaseException) -> bool:

@@ -47,7 +47,7 @@ def model_card(pool: Any, results: Mapping[str, Any]) -> str:
         f"Made by mmsoup with `mmsoup soup --config {Path(cfg.source).name}`. Best on the held-out set: "
         f"**{best}** ({soups[best].val_acc:.4f}), file `{Path(results['files'][best]).name}`.",
         "",
-        *_how_to_load(cfg, best_file),
+        *_how_to_load(cfg, best_file, pool.model),
         "## Ingredients",
         "",
         _table(
@@ -70,19 +70,32 @@ def model_card(pool: Any, results: Mapping[str, Any]) -> str:
         "",
     ]
     rows = []
+    tests = {r: s.info["test"] for r, s in soups.items() if s.info.get("test")}
     for r, res in soups.items():
         bn = res.info.get("bn_recalibration", {})
-        rows.append(
-            {
-                "recipe": r,
-                "held-out acc": res.val_acc,
-                "ingredients": ", ".join(str(i) for i in res.ingredients),
-                "evaluations": res.n_evals,
-                "BN mixed stats acc": bn.get("acc_mixed_statistics", "-"),
-                "file": Path(results["files"][r]).name,
-            }
-        )
+        row = {"recipe": r, "held-out acc": res.val_acc}
+        if tests:
+            row["test acc"] = tests[r]["acc"] if r in tests else "-"
+        row |= {
+            "ingredients": ", ".join(str(i) for i in res.ingredients),
+            "evaluations": res.n_evals,
+            "BN mixed stats acc": bn.get("acc_mixed_statistics", "-"),
+        }
+        if bn:
+            row["BN stats kept"] = bn.get("kept", "-")
+        rows.append(row | {"file": Path(results["files"][r]).name})
     lines += [_table(pd.DataFrame(rows)), ""]
+    if tests:
+        t = next(iter(tests.values()))
+        lines += [
+            f"**Test accuracy** (`{t['set']}`, {t['n']} examples): each soup scored once on it after "
+            "it was built. The held-out accuracies chose the ingredients and λ (greedy, MMS) and are "
+            "optimistic; the test accuracy is the unbiased number.",
+            "",
+        ]
+    lines += _bn_lines(soups)
+    if results.get("preprocess"):
+        lines += [f"Preprocessing of image folders: {results['preprocess']}.", ""]
     if "mms" in soups:
         lines += _mms_section(soups["mms"])
     if "greedy" in soups:
@@ -114,6 +127,24 @@ def model_card(pool: Any, results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _bn_lines(soups: Mapping[str, Any]) -> list[str]:
+    """Which BatchNorm statistics each soup carries, and why."""
+    bns = {r: s.info["bn_recalibration"] for r, s in soups.items() if "bn_recalibration" in s.info}
+    if not bns:
+        return []
+    mode = next(iter(bns.values()))["mode"]
+    said = []
+    for r, bn in bns.items():
+        how = (
+            "recalibrated statistics"
+            if bn.get("kept") == "recalibrated"
+            else "mixed statistics (recalibration lowered held-out accuracy "
+            f"{bn['acc_mixed_statistics']:.4f} -> {bn['acc_recalibrated']:.4f}, so it was not kept)"
+        )
+        said.append(f"{r}: {how}")
+    return [f"BatchNorm statistics (bn_recalibration: {mode}): " + "; ".join(said) + ".", ""]
+
+
 def _mms_section(res: SoupResult) -> list[str]:
     """The per-component λ* of each mixed candidate and every candidate's fate (MMS Alg. 1)."""
     decisions = res.info["decisions"]
@@ -140,6 +171,7 @@ def _mms_section(res: SoupResult) -> list[str]:
     out = [
         "## Manifold mixing soup (MMS Alg. 1)",
         "",
+        *([f"**Warning:** {res.info['warning']}", ""] if res.info.get("warning") else []),
         f"Candidates: {counts.get('accepted', 0)} accepted, {counts.get('skipped', 0)} skipped, "
         f"{counts.get('rejected', 0)} rejected; {res.info['n_components']} components.",
         "",
@@ -188,7 +220,7 @@ def _front_matter(cfg: Any, recipes: list[str]) -> list[str]:
     ]
 
 
-def _how_to_load(cfg: Any, file: Path) -> list[str]:
+def _how_to_load(cfg: Any, file: Path, module: Any = None) -> list[str]:
     """A snippet that rebuilds the model with mmsoup's factory and loads the best soup into it."""
     kwargs = dict(cfg.model_kwargs)
     if cfg.values.get("image_size") is not None:
@@ -210,6 +242,16 @@ def _how_to_load(cfg: Any, file: Path) -> list[str]:
         "model = built.module.eval()",
         "```",
         "",
+        *(
+            [
+                f"Or with transformers: the soup folder holds the model's `config.json` (and its "
+                f"processor's files): `transformers.{type(module).__name__}.from_pretrained("
+                f"{str(file.name)!r})`.",
+                "",
+            ]
+            if file.is_dir() and (file / "config.json").is_file() and module is not None
+            else []
+        ),
     ]
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -94,6 +95,17 @@ def _list_of(kind: type, ok: Callable[[Any], bool]) -> Callable[[list], bool]:
     return lambda items: all(_is_a(x, kind) and ok(x) for x in items)
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+
+
+def _sides(value: int | list, low: int) -> bool:
+    """A size in pixels: one integer, or [height, width]."""
+    sides = value if isinstance(value, list) else [value]
+    return len(sides) == (2 if isinstance(value, list) else 1) and all(
+        _is_a(x, int) and low <= x <= 8192 for x in sides
+    )
+
+
 _NONEMPTY = (str, lambda v: v.strip() != "", "a non-empty string")
 _FLAG = (bool, lambda v: True, "true or false")
 # key -> (type, check, allowed); the defaults are DEFAULTS'. Paths are relative to the config's
@@ -106,6 +118,7 @@ RULES: dict[str, Rule] = {
     "ingredients": ((list, str), lambda v: True, "a path or glob, or a list of them"),
     "init": _NONEMPTY,
     "held_out": _NONEMPTY,
+    "test": (str, lambda v: v.strip() != "", "a test set: an ImageFolder directory or a .pt/.npz file"),
     "classes": (list, lambda v: len(v) >= 2 and _list_of(str, bool)(v) and len(set(v)) == len(v),
                 "a list of at least 2 distinct class folder names, in the model's label order"),
     "recipes": (list, lambda v: len(v) >= 1 and _list_of(str, lambda r: r in RECIPES)(v),
@@ -113,6 +126,7 @@ RULES: dict[str, Rule] = {
     "partition": (str, _partition_spec, "a partition scheme: C8, C15, C26, prefix:D, prefix:D:split or blocks:N, optionally +live"),
     "mms": (dict, lambda v: True, "a mapping of MMS options"),
     "learned": (dict, lambda v: True, "a mapping of learned-soup options"),
+    "preprocess": (dict, lambda v: True, "a mapping of image preprocessing options (resize, crop, interpolation, mean, std)"),
     "bn_recalibration": (str, lambda v: v in BN_MODES, f"one of {', '.join(BN_MODES)}"),
     "batch_size": (int, lambda v: 1 <= v <= 1_000_000, "an integer in 1..1000000"),
     "device": (str, _device, "a torch device such as cpu, cuda or cuda:1"),
@@ -129,6 +143,7 @@ DEFAULTS: dict[str, Any] = {
     "partition": "blocks:4",
     "mms": {},
     "learned": {},
+    "preprocess": {},
     "bn_recalibration": "none",
     "batch_size": 256,
     "out": "soup",
@@ -155,8 +170,16 @@ SECTIONS: dict[str, dict[str, Rule]] = {
         "temperature": _FLAG,
         "seed": (int, lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1"),
     },
+    # ImageFolder images (held_out, test): PIL image -> resize -> centre crop -> tensor -> normalise
+    "preprocess": {
+        "resize": ((int, list), lambda v: _sides(v, 1), "an integer in 1..8192 (the shorter side) or [height, width]"),
+        "crop": ((int, list), lambda v: _sides(v, 1), "an integer in 1..8192 (a centre square) or [height, width]"),
+        "interpolation": (str, lambda v: v in INTERPOLATIONS, f"one of {', '.join(INTERPOLATIONS)}"),
+        "mean": (list, lambda v: len(v) == 3 and _list_of(float, math.isfinite)(v), "a list of 3 numbers (R, G, B), e.g. [0.485, 0.456, 0.406]"),
+        "std": (list, lambda v: len(v) == 3 and _list_of(float, lambda x: math.isfinite(x) and x > 0)(v), "a list of 3 numbers > 0 (R, G, B), e.g. [0.229, 0.224, 0.225]"),
+    },
 }  # fmt: skip
-_PATHS = ("init", "held_out", "out")
+_PATHS = ("init", "held_out", "test", "out")
 
 
 def _is_a(value: Any, kind: Kind) -> bool:
@@ -384,7 +407,10 @@ def _check_out(values: Mapping[str, Any], base: Path, source: str) -> None:
 
 # -- held-out data --------------------------------------------------------------------------------
 def check_held_out_classes(
-    path: str | os.PathLike, classes: list[str] | None, num_classes: int | None
+    path: str | os.PathLike,
+    classes: list[str] | None,
+    num_classes: int | None,
+    what: str = "Held-out",
 ) -> list[str] | None:
     """An ImageFolder's class folders are the model's classes (`classes:` in order, or
     `num_classes` of them): a missing folder would shift every later label. Returns the classes
@@ -398,32 +424,35 @@ def check_held_out_classes(
         found = find_classes(str(path))[0]
     except FileNotFoundError as e:
         raise MMSoupError(
-            f"Held-out folder {path} is not an ImageFolder ({e}); use one folder per class of images."
+            f"{what} folder {path} is not an ImageFolder ({e}); use one folder per class of images."
         ) from e
     if classes is not None:
         missing = [c for c in classes if c not in found]
         extra = [c for c in found if c not in classes]
         if missing or extra:
-            what = (
+            problem = (
                 f"lacks the class folder {missing[0]!r}"
                 if missing
                 else f"has the folder {extra[0]!r}"
             )
             raise MMSoupError(
-                f"Held-out folder {path} {what} ({len(missing)} missing, {len(extra)} not in classes:); "
+                f"{what} folder {path} {problem} ({len(missing)} missing, {len(extra)} not in classes:); "
                 "its class folders must be exactly the config's classes."
             )
         return list(classes)
     if num_classes is not None and len(found) != num_classes:
         raise MMSoupError(
-            f"Held-out folder {path} has {len(found)} class folders but the model has num_classes={num_classes} "
+            f"{what} folder {path} has {len(found)} class folders but the model has num_classes={num_classes} "
             "(a missing folder shifts every later label); add the missing folders or list the model's classes under classes:."
         )
     return found
 
 
 def load_held_out(
-    path: str | os.PathLike, transform: Callable | None, classes: list[str] | None = None
+    path: str | os.PathLike,
+    transform: Callable | None,
+    classes: list[str] | None = None,
+    what: str = "Held-out",
 ) -> tuple[Tensor, Tensor]:
     """(inputs, labels) of an ImageFolder directory (the model's own preprocessing; `classes`:
     the folder names in label order, else sorted) or a tensor file (`.pt`/`.npz` with `images` or
@@ -434,7 +463,7 @@ def load_held_out(
 
         if transform is None:
             raise MMSoupError(
-                f"No image preprocessing is known for this model; pass held_out as a tensor file instead of {path}."
+                f"No image preprocessing is known for this model; set preprocess: in the config or pass a tensor file instead of {path}."
             )
 
         class Folder(ImageFolder):
@@ -447,17 +476,19 @@ def load_held_out(
             data = Folder(str(path), transform=transform)
         except (FileNotFoundError, RuntimeError) as e:
             raise MMSoupError(
-                f"Held-out folder {path} is not an ImageFolder ({e}); use one folder per class of images."
+                f"{what} folder {path} is not an ImageFolder ({e}); use one folder per class of images."
             ) from e
-        pairs = [data[i] for i in tqdm(range(len(data)), desc="held-out images", leave=False)]
+        pairs = [
+            data[i] for i in tqdm(range(len(data)), desc=f"{what.lower()} images", leave=False)
+        ]
         inputs, labels = torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
-        _check_held_out(inputs, labels, path)
+        _check_held_out(inputs, labels, path, what)
         return inputs, labels
     if not path.is_file():
-        raise MMSoupError(f"Held-out data {path} does not exist; check the path.")
+        raise MMSoupError(f"{what} data {path} does not exist; check the path.")
     if path.suffix not in (".npz", ".pt", ".pth"):
         raise MMSoupError(
-            f"Held-out data {path} has suffix {path.suffix!r}; pass an ImageFolder directory, .pt or .npz."
+            f"{what} data {path} has suffix {path.suffix!r}; pass an ImageFolder directory, .pt or .npz."
         )
     import pickle
     import zipfile
@@ -471,40 +502,40 @@ def load_held_out(
     except (pickle.UnpicklingError, ValueError) as e:
         if "allow_pickle" in str(e) or "GLOBAL" in str(e) or "weights_only" in str(e).lower():
             raise MMSoupError(
-                f"Held-out data {path} is refused: it holds pickled objects, which would run code "
+                f"{what} data {path} is refused: it holds pickled objects, which would run code "
                 "(only tensors and arrays are read); re-save it with plain tensors or numeric arrays."
             ) from e
         raise MMSoupError(
-            f"Held-out data {path} is truncated or corrupt ({type(e).__name__}); re-save it."
+            f"{what} data {path} is truncated or corrupt ({type(e).__name__}); re-save it."
         ) from e
     except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, TypeError) as e:
         raise MMSoupError(
-            f"Held-out data {path} is truncated or corrupt ({type(e).__name__}); re-save it."
+            f"{what} data {path} is truncated or corrupt ({type(e).__name__}); re-save it."
         ) from e
     inputs = data.get("images", data.get("inputs")) if isinstance(data, Mapping) else None
     if inputs is None or "labels" not in data:
         raise MMSoupError(
-            f"Held-out data {path} must hold 'images' (or 'inputs') and 'labels'; re-save it as such a mapping."
+            f"{what} data {path} must hold 'images' (or 'inputs') and 'labels'; re-save it as such a mapping."
         )
     try:
         inputs, labels = torch.as_tensor(inputs), torch.as_tensor(data["labels"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise MMSoupError(
-            f"Held-out data {path}: images and labels must be numeric tensors or arrays ({type(e).__name__}); re-save them."
+            f"{what} data {path}: images and labels must be numeric tensors or arrays ({type(e).__name__}); re-save them."
         ) from e
     if labels.is_floating_point() and not torch.equal(labels, labels.round()):
         raise MMSoupError(
-            f"Held-out data {path}: labels must be integer class indices, got {labels.dtype} fractions; re-save them."
+            f"{what} data {path}: labels must be integer class indices, got {labels.dtype} fractions; re-save them."
         )
-    _check_held_out(inputs, labels.long(), path)
+    _check_held_out(inputs, labels.long(), path, what)
     return inputs, labels.long()
 
 
-def _check_held_out(inputs: Tensor, labels: Tensor, path: Path) -> None:
+def _check_held_out(inputs: Tensor, labels: Tensor, path: Path, what: str = "Held-out") -> None:
     """As many labels as inputs, inputs finite and not all one value (a blank or broken export)."""
     if labels.ndim != 1 or len(labels) != len(inputs):
         raise MMSoupError(
-            f"Held-out data {path} has {len(inputs)} inputs but labels of shape {tuple(labels.shape)}; "
+            f"{what} data {path} has {len(inputs)} inputs but labels of shape {tuple(labels.shape)}; "
             "give one label per input."
         )
     if not len(inputs):
@@ -514,12 +545,12 @@ def _check_held_out(inputs: Tensor, labels: Tensor, path: Path) -> None:
         bad = (~torch.isfinite(flat)).any(dim=1)
         if bad.any():
             raise MMSoupError(
-                f"Held-out data {path}: {int(bad.sum())} of {len(inputs)} inputs hold NaN or Inf values "
+                f"{what} data {path}: {int(bad.sum())} of {len(inputs)} inputs hold NaN or Inf values "
                 f"(the first: #{int(bad.nonzero()[0])}); re-export the held-out set."
             )
     if bool((flat == flat[0, 0]).all()):
         raise MMSoupError(
-            f"Held-out data {path}: every input holds the same value {flat[0, 0].item()!r}, so no "
+            f"{what} data {path}: every input holds the same value {flat[0, 0].item()!r}, so no "
             "model can be told apart on it; re-export the held-out set."
         )
 
@@ -577,6 +608,9 @@ class Pool:
     val_acc: Callable[[Mapping[str, Tensor]], float]  # an Evaluator unless given from Python
     example_input: Tensor | None
     file_keys: dict[str, str] | None = None  # file key -> model key, when the files' names differ
+    test: Evaluator | None = None  # the optional test set: each soup scored once, after it is built
+    preprocess: str | None = None  # what was applied to ImageFolder images (one line)
+    hf_folder: Path | None = None  # a Hugging Face model folder: its config beside each soup
 
     @property
     def evaluator(self) -> Evaluator | None:
@@ -657,25 +691,180 @@ def open_pool(
         raise MMSoupError(
             f"Config {cfg.source} lacks 'held_out'; add an ImageFolder or tensor file (or pass val_acc from Python)."
         )
-    classes = None
+    classes = test_classes = None
+    n = cfg.model_kwargs.get("num_classes")
+    n = n if _is_a(n, int) else None
     if val_acc is None:
         if not os.path.exists(cfg.held_out):
             raise MMSoupError(f"Held-out data {cfg.held_out} does not exist; check the path.")
-        n = cfg.model_kwargs.get("num_classes")
-        classes = check_held_out_classes(cfg.held_out, cfg.classes, n if _is_a(n, int) else None)
+        classes = check_held_out_classes(cfg.held_out, cfg.classes, n)
+    if cfg.test is not None:  # the same formats; an ImageFolder has the held-out's classes
+        if not os.path.exists(cfg.test):
+            raise MMSoupError(f"Test data {cfg.test} does not exist; check the path.")
+        test_classes = check_held_out_classes(cfg.test, cfg.classes or classes, n, "Test")
     built = create_model(
         cfg.model, image_size=cfg.image_size, trust_code=cfg.trust_code, **cfg.model_kwargs
     )
     model = built.module
     ings, file_keys = _under_model_keys(cfg.ingredients, built.checkpoint_keys)
     _check_fits(model, ings[0], cfg)
+    folders = [p for p in (cfg.held_out if val_acc is None else None, cfg.test) if p]
+    transform, applied = built.transform, None
+    if any(os.path.isdir(p) for p in folders):
+        transform, applied = image_preprocessing(built, cfg)
+        print(f"mmsoup: preprocess: {applied}", file=sys.stderr, flush=True)
+    test = None
+    if cfg.test is not None:
+        x, y = load_held_out(cfg.test, transform, test_classes, "Test")
+        test = Evaluator(model, x, y, device=cfg.device, batch_size=cfg.batch_size)
+    extra = {"test": test, "preprocess": applied, "hf_folder": hf_model_folder(cfg.model)}
     if val_acc is not None:
-        return Pool(cfg, model, ings, val_acc, None, file_keys)
-    images, labels = load_held_out(cfg.held_out, built.transform, classes)
+        return Pool(cfg, model, ings, val_acc, None, file_keys, **extra)
+    images, labels = load_held_out(cfg.held_out, transform, classes)
     recal = cfg.bn_recalibration == "each" and bn_statistics(model)
     kind = RecalibratingEvaluator if recal else Evaluator
     ev = kind(model, images, labels, device=cfg.device, batch_size=cfg.batch_size)
-    return Pool(cfg, model, ings, ev, images[:1], file_keys)
+    return Pool(cfg, model, ings, ev, images[:1], file_keys, **extra)
+
+
+# -- preprocessing of ImageFolder images ---------------------------------------------------------
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # timm's defaults
+_OWN = {
+    "timm": "the model's own (timm's data config, pretrained_cfg)",
+    "torchvision": "timm's defaults for a model without a data config",
+    "python": "timm's defaults for a model without a data config",
+    "open_clip": "the model's own (open_clip's preprocess)",
+    "transformers": "the model's own (its image processor, preprocessor_config.json)",
+}
+
+
+def _pair(value: Any, square: bool = False) -> list[int] | int:
+    """A size: one integer (a resize's shorter side), or [height, width]; `square`: an equal
+    pair as one integer (a centre crop is the same either way)."""
+    if isinstance(value, int):
+        return value
+    sides = [int(v) for v in value]
+    return sides[0] if len(sides) == 1 or (square and sides[0] == sides[1]) else sides
+
+
+def own_preprocessing(transform: Any) -> dict[str, Any] | None:
+    """resize, crop, interpolation, mean and std of a model's own transform (a torchvision
+    Compose from timm/open_clip, or a Hugging Face image processor); None when unknown."""
+    processor = getattr(transform, "processor", None)
+    if processor is not None:  # transformers: an image processor
+        out: dict[str, Any] = {}
+        size = getattr(processor, "size", None) or {}
+        size = dict(size) if not isinstance(size, int) else {"shortest_edge": size}
+        if getattr(processor, "do_resize", True) and size:
+            if "shortest_edge" in size:
+                out["resize"] = int(size["shortest_edge"])
+            elif "height" in size and "width" in size:
+                out["resize"] = _pair([size["height"], size["width"]])
+            sample = getattr(processor, "resample", None)
+            name = getattr(sample, "name", None) or {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "lanczos", 4: "box", 5: "hamming"}.get(sample)  # fmt: skip
+            out["interpolation"] = str(name).lower() if name else "bilinear"
+        crop = getattr(processor, "crop_size", None)
+        if getattr(processor, "do_center_crop", False) and crop:
+            pair = [crop["height"], crop["width"]] if isinstance(crop, Mapping) else int(crop)
+            out["crop"] = _pair(pair, square=True)
+        if getattr(processor, "do_normalize", True) and getattr(processor, "image_mean", None):
+            out["mean"] = [float(v) for v in processor.image_mean]
+            out["std"] = [float(v) for v in processor.image_std]
+        return out
+    steps = getattr(transform, "transforms", None)
+    if steps is None:
+        return None
+    from torchvision import transforms as T
+
+    out = {}
+    for step in steps:
+        if isinstance(step, T.Resize):
+            out["resize"] = _pair(step.size)
+            out["interpolation"] = str(getattr(step.interpolation, "value", step.interpolation))
+        elif isinstance(step, T.CenterCrop):
+            out["crop"] = _pair(step.size, square=True)
+        elif isinstance(step, T.Normalize):
+            out["mean"] = [float(v) for v in step.mean]
+            out["std"] = [float(v) for v in step.std]
+    return out
+
+
+def describe_preprocessing(p: Mapping[str, Any]) -> str:
+    """One line: resize 36 (bicubic), centre crop 32, mean (...), std (...)."""
+
+    def size(v: Any) -> str:
+        return f"{v[0]}x{v[1]}" if isinstance(v, list) else str(v)
+
+    def nums(v: Any) -> str:
+        return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+
+    parts = []
+    if p.get("resize") is not None:
+        how = "to" if isinstance(p["resize"], list) else "shorter side to"
+        parts.append(f"resize {how} {size(p['resize'])} ({p.get('interpolation', 'bilinear')})")
+    else:
+        parts.append("no resize")
+    parts.append(f"centre crop {size(p['crop'])}" if p.get("crop") is not None else "no crop")
+    if p.get("mean") is not None:
+        parts.append(f"mean {nums(p['mean'])}, std {nums(p['std'])}")
+    else:
+        parts.append("no normalisation (pixels in [0, 1])")
+    return ", ".join(parts)
+
+
+def image_preprocessing(built: Any, cfg: SoupConfig) -> tuple[Callable | None, str]:
+    """The transform of ImageFolder images and one line saying what it is: the config's
+    `preprocess:` (keys not given: the model's own, else defaults) or the model's own."""
+    given = dict(cfg.preprocess)
+    own = own_preprocessing(built.transform) if built.transform is not None else None
+    where = _OWN.get(built.source, "the model's own")
+    if not given:
+        if built.transform is None:
+            return None, "none known for this model (set preprocess: in the config)"
+        if own is None:
+            return built.transform, where
+        return built.transform, f"{describe_preprocessing(own)}; {where}"
+    params = dict(own or {}) | given
+    if "resize" not in params and "crop" not in params:
+        side = cfg.image_size
+        if side is None:
+            raise MMSoupError(
+                f"Config {cfg.source}: preprocess has no resize or crop and model {cfg.model!r} "
+                "has no preprocessing of its own; add preprocess: {resize: N, crop: N} (or image_size)."
+            )
+        params["resize"] = params["crop"] = side
+    if params.get("mean") is None or params.get("std") is None:  # ImageNet's, as timm's default
+        params.setdefault("mean", list(IMAGENET[0]))
+        params.setdefault("std", list(IMAGENET[1]))
+        params["mean"] = params["mean"] or list(IMAGENET[0])
+        params["std"] = params["std"] or list(IMAGENET[1])
+    params.setdefault("interpolation", "bilinear")
+    from torchvision import transforms as T
+
+    steps: list[Any] = [T.Lambda(lambda img: img.convert("RGB"))]
+    mode = T.InterpolationMode(params["interpolation"])
+    if params.get("resize") is not None:
+        steps.append(T.Resize(params["resize"], interpolation=mode))
+    if params.get("crop") is not None:
+        steps.append(T.CenterCrop(params["crop"]))
+    steps.append(T.ToTensor())
+    if params.get("mean") is not None:
+        steps.append(T.Normalize(params["mean"], params["std"]))
+    rest = sorted(set(params) - set(given))
+    source = "the config's preprocess:" + (
+        f" (the rest, {', '.join(rest)}: {where})" if own and rest else ""
+    )
+    return T.Compose(steps), f"{describe_preprocessing(params)}; {source}"
+
+
+def hf_model_folder(model: str) -> Path | None:
+    """The Hugging Face model folder a config's model names (a folder with config.json, or an
+    hf:ORG/NAME snapshot of the local cache), else None."""
+    from mmsoup.factories import _hub_folder
+
+    kind, sep, rest = str(model).partition(":")
+    folder = _hub_folder(rest) if kind == "hf" and sep else Path(str(model)).expanduser()
+    return folder if (folder / "config.json").is_file() else None
 
 
 def _under_model_keys(
@@ -702,24 +891,31 @@ def _finish_bn(pool: Pool, result: SoupResult, since: tuple[float, int] = (0.0, 
     ev, keys = pool.evaluator, bn_statistics(pool.model)
     if pool.config.bn_recalibration == "none" or ev is None or not keys:
         return
+    mode = pool.config.bn_recalibration
     ev.load(result.state_dict)
     before = Evaluator.accuracy(ev)  # the soup's mixed statistics
     t0 = time.perf_counter()
     recalibrate(ev)
     seconds = time.perf_counter() - t0
     live = ev.model.state_dict()
-    for k in keys:
-        result.state_dict[k] = live[k].detach().to("cpu", copy=True)
     after = Evaluator.accuracy(ev)
+    # final: the recalibrated statistics only if they do not lower held-out accuracy (they
+    # can: the held-out batches are few, or their class mix differs). each: the search scored
+    # every candidate recalibrated, so the soup it chose is kept as it was scored.
+    kept = "recalibrated" if mode == "each" or after >= before else "mixed"
+    if kept == "recalibrated":
+        for k in keys:
+            result.state_dict[k] = live[k].detach().to("cpu", copy=True)
     result.info["bn_recalibration"] = {
-        "mode": pool.config.bn_recalibration,
+        "mode": mode,
         "acc_mixed_statistics": before,
         "acc_recalibrated": after,
+        "kept": kept,
         "seconds_final": seconds,
         "seconds_during_search": _bn_spent(pool)[0] - since[0],
         "recalibrations_during_search": _bn_spent(pool)[1] - since[1],
     }
-    result.val_acc = after
+    result.val_acc = after if kept == "recalibrated" else before
 
 
 def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
@@ -755,9 +951,14 @@ def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
         elif recipe == "greedy":
             res = soups.greedy_soup(ings, pool.val_acc, ingredient_val_accs=accs, progress=progress)
         elif recipe == "mms":
+            warning = mms_warning(pool, accs[best])
+            if warning:  # before the search: what it will likely return, and why
+                print(f"mmsoup: warning: {warning}", file=sys.stderr, flush=True)
             res = soups.manifold_mixing_soup(
                 ings, pool.val_acc, comps, ingredient_val_accs=accs, progress=progress, **cfg.mms
             )
+            if warning:
+                res.info["warning"] = warning
         elif pool.evaluator is None:
             raise MMSoupError(
                 f"Recipe {recipe!r} needs held-out tensors (an Evaluator), not a val_acc callable; drop it from recipes."
@@ -780,26 +981,85 @@ def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
             res.state_dict = {k: res.state_dict[k] for k in order}
             _finish_bn(pool, res, since)
         out[recipe] = res
+    if pool.test is not None:  # each soup once, after it is built: the unbiased number
+        for recipe in cfg.recipes:
+            if isinstance(out[recipe], SoupResult):
+                res = out[recipe]
+                res.info["test"] = {
+                    "set": cfg.shown(cfg.test),
+                    "n": pool.test.n,
+                    "acc": float(pool.test(res.state_dict)),
+                    "note": "scored once after the soup was built; the held-out set chose it",
+                }
     return out
 
 
+def mms_warning(pool: Pool, best_acc: float) -> str | None:
+    """The τ test cannot pass once mixing loses a single held-out image when one image (1/n) is
+    worth more than τ allows below the best model ((1 - τ)·acc): MMS then keeps only candidates
+    that lose nothing, and likely returns the best checkpoint alone. None when it can."""
+    import inspect
+
+    from mmsoup import soups
+
+    if pool.evaluator is None or best_acc <= 0:
+        return None
+    tau = pool.config.mms.get("tau")
+    if tau is None:
+        tau = inspect.signature(soups.manifold_mixing_soup).parameters["tau"].default
+    n, allowed = pool.evaluator.n, (1.0 - tau) * best_acc
+    if 1.0 / n <= allowed:
+        return None
+    fix = (
+        f"use at least {math.ceil(1.0 / allowed)} held-out images or a lower tau (at most "
+        f"{math.floor((1.0 - 1.0 / (n * best_acc)) * 1000) / 1000:g} for these {n})"
+        if tau < 1
+        else "lower tau (tau = 1 allows no loss at all)"
+    )
+    return (
+        f"MMS will likely return the best checkpoint alone: one held-out image is 1/{n} = "
+        f"{1.0 / n:.4f} of accuracy, more than tau = {tau:g} allows below the best model "
+        f"((1 - tau)·acc = {allowed:.4f} at acc {best_acc:.4f}), so only a candidate whose mix "
+        f"loses no held-out image is tried; {fix}."
+    )
+
+
 # -- writing ---------------------------------------------------------------------------------------
-def _write(result: SoupResult, path: Path, shard_size: str | int | None) -> Path:
-    """The fused model as `.safetensors` (or a folder of shards with safetensors' index) + sidecar."""
-    if shard_size is None:
+HF_FILES = (  # a Hugging Face model folder's files that travel with its soups
+    "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+    "image_processor_config.json", "video_preprocessor_config.json", "feature_extractor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.json",
+)  # fmt: skip
+
+
+def _write(
+    result: SoupResult, path: Path, shard_size: str | int | None, extras: list[Path] | None = None
+) -> Path:
+    """The fused model as `.safetensors` + sidecar; a folder (model.safetensors, or shards with
+    safetensors' index) with `extras` (a Hugging Face model's config.json, its processor's
+    files) beside the weights when given, so `from_pretrained(folder)` loads it."""
+    if shard_size is None and not extras:
         return result.save(path.with_suffix(".safetensors"))
     from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import save_file
+
+    from mmsoup.io import public_dir
 
     folder = path.with_suffix("")
     meta = {k: getattr(result, k) for k in ("val_acc", "ingredients", "weights", "n_evals")}
     meta |= {"ingredient_val_accs": result.ingredient_val_accs, "trace": result.trace}
     state = {k: v.detach().cpu().contiguous() for k, v in result.state_dict.items()}
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = public_dir(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        save_torch_state_dict(
-            state, tmp, max_shard_size=shard_size, metadata={KEY_ORDER: json.dumps(list(state))}
-        )
+        order = {KEY_ORDER: json.dumps(list(state))}
+        if shard_size is None:
+            save_file(state, tmp / "model.safetensors", metadata={"format": "pt", **order})
+        else:
+            save_torch_state_dict(state, tmp, max_shard_size=shard_size, metadata=order)
+        for extra in extras or []:
+            shutil.copyfile(extra, tmp / extra.name)
         with atomic_path(sidecar_path(folder)) as side:  # the shards appear with their sidecar
             write_json(side, provenance(**meta, info=result.info, shard_size=shard_size))
             if folder.exists():
@@ -820,15 +1080,19 @@ def soup_from_config(
     cfg = pool.config
     shard_size = _shard_size(cfg.shard_size)
     results = run_recipes(pool, progress)
+    results["preprocess"] = pool.preprocess
     out = Path(cfg.out)
     files = {}
+    extras = None
+    if pool.hf_folder is not None:  # beside the weights, so from_pretrained(folder) loads a soup
+        extras = [pool.hf_folder / f for f in HF_FILES if (pool.hf_folder / f).is_file()]
     for recipe in cfg.recipes:
         res = results[recipe]
         if isinstance(res, SoupResult):
             if pool.file_keys:  # the soup under the checkpoints' own names, as they were saved
                 back = {m: f for f, m in pool.file_keys.items()}
                 res.state_dict = {back.get(k, k): v for k, v in res.state_dict.items()}
-            files[recipe] = _write(res, out / recipe, shard_size)
+            files[recipe] = _write(res, out / recipe, shard_size, extras)
         else:
             files[recipe] = res.save(out / f"{recipe}.json")
     results["files"] = files
@@ -868,6 +1132,10 @@ def inspect_pool(
     theta_b = open_ingredient(ings[best])
     floats = [k for k, v in theta_b.items() if v.is_floating_point()]  # integer buffers: θ_best's
     line = {ALL: floats}
+    # the angle between updates: parameters only; buffers (BatchNorm running statistics) are
+    # recomputed from the data, not trained, and would pull every angle towards 0
+    params = {name for name, _ in pool.model.named_parameters(remove_duplicate=False)}
+    angled = [k for k in floats if k in params]
     init = None
     if cfg.init is not None:
         init = (
@@ -876,7 +1144,7 @@ def inspect_pool(
             else load_state_dict(cfg.init)
         )
     if init is not None:
-        d_best = {k: theta_b[k].double() - init[k].double() for k in floats}
+        d_best = {k: theta_b[k].double() - init[k].double() for k in angled}
         norm_b = math.sqrt(sum(float(v.square().sum()) for v in d_best.values()))
     rows = []
     for i in tqdm([i for i in range(len(ings)) if i != best], desc="inspect", disable=not progress):
@@ -890,7 +1158,7 @@ def inspect_pool(
             row[f"acc@{a:g}"] = float(acc)
         if init is not None:
             dot = norm_i = 0.0
-            for k in floats:
+            for k in angled:
                 d = theta[k].double() - init[k].double()
                 dot, norm_i = dot + float((d * d_best[k]).sum()), norm_i + float(d.square().sum())
             cos = dot / max(math.sqrt(norm_i) * norm_b, 1e-300)
@@ -920,16 +1188,39 @@ def cmd_soup(args) -> None:
     )
     results = soup_from_config(cfg)
     for recipe in cfg.recipes:
-        print(f"{recipe:16s} {results[recipe].val_acc:.4f}  {results['files'][recipe]}")
+        res = results[recipe]
+        test = res.info.get("test") if isinstance(res, SoupResult) else None
+        shown = f"  test {test['acc']:.4f}" if test else ""
+        print(f"{recipe:16s} {res.val_acc:.4f}{shown}  {results['files'][recipe]}")
     print(f"model card       {Path(cfg.out) / 'MODEL_CARD.md'}")
 
 
+def inspect_columns(config: SoupConfig, table: pd.DataFrame) -> list[str]:
+    """What each column of the inspect table means (printed under it)."""
+    notes = {
+        "candidate": "a checkpoint other than the best one",
+        "acc": "its own held-out accuracy",
+        "acc@a": "held-out accuracy of (1-a)·best + a·candidate, every floating tensor interpolated "
+        "(a = 0: the best model, a = 1: the candidate)",
+        "angle_deg": "angle between the updates (candidate - init) and (best - init) from the "
+        "shared init, over the parameters only (BatchNorm running statistics and other buffers "
+        "left out); Soups §3.2: a larger angle, a larger gain from mixing",
+        "collapse": f"the midpoint's accuracy is {config.barrier:g} (barrier) or more below the "
+        "worse of the two models: a different basin",
+    }
+    cols = ["acc@a" if str(c).startswith("acc@") else str(c) for c in table.columns]
+    return [f"  {c}: {notes[c]}" for c in dict.fromkeys(cols) if c in notes]
+
+
 def cmd_inspect(args) -> None:
-    """`mmsoup inspect --config soup.yaml`: the pre-flight table."""
+    """`mmsoup inspect --config soup.yaml`: the pre-flight table, each column explained."""
     over = {"device": args.device, "trust_code": True if args.trust_code else None}
-    table = inspect_pool(load_config(args.config, over))
+    cfg = load_config(args.config, over)
+    table = inspect_pool(cfg)
     print(f"best: {table.attrs['best']} ({table.attrs['best_acc']:.4f})")
     print(table.to_string(index=False))
+    print("columns:")
+    print("\n".join(inspect_columns(cfg, table)))
     flagged = table[table["collapse"]]["candidate"].tolist() if len(table) else []
     if flagged:
         print(

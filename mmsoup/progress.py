@@ -52,3 +52,15 @@ def pretrain_lines(step: int, total: int, loss: float) -> None:
     """`prepare`'s on_step in commands: a stderr line every 100 pretraining steps (none if cached)."""
     if step % 100 == 0 or step == total - 1:
         print(f"pretrain step {step + 1}/{total} loss {loss:.3f}", file=sys.stderr, flush=True)
+
+
+def end_bars() -> None:
+    """Close every live progress bar, so that what is printed next starts on a line of its own
+    (an error raised mid-loop leaves its bar open, its cursor after the bar's last character)."""
+    import contextlib
+
+    from tqdm.std import tqdm as std
+
+    for bar in list(getattr(std, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()

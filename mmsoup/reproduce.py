@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -72,6 +74,14 @@ def run_notebook(
     out = out_dir / f"{name}.ipynb"
     env_before = os.environ.get("MMSOUP_PLAIN_PROGRESS")
     os.environ["MMSOUP_PLAIN_PROGRESS"] = "1"  # text progress bars, streamed to this terminal
+    before, stopped = _children(), []
+
+    def interrupted(signum, frame):  # Ctrl-C: stop the kernel first (quietly), then unwind
+        stopped.append(_stop_kernels(before))
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupted) if main else None
     try:
         papermill.execute_notebook(
             str(src),
@@ -83,17 +93,54 @@ def run_notebook(
             stderr_file=sys.stderr if stream else None,
             cwd=str(src.parent),
         )
+    except KeyboardInterrupt:  # the kernel and what it started are stopped, none left behind
+        if not stopped:
+            stopped.append(_stop_kernels(before))
+        raise KeyboardInterrupt(
+            f"in notebook {name}, its kernel stopped; run the same command again to resume "
+            "(finished stages are kept)"
+        ) from None
     except PapermillExecutionError as e:
         raise MMSoupError(
             f"Notebook {name} failed in cell {e.exec_count or e.cell_index} ({e.ename}: {e.evalue}); "
             f"the executed copy with the traceback is {out}."
         ) from e
     finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
         if env_before is None:
             os.environ.pop("MMSOUP_PLAIN_PROGRESS", None)
         else:
             os.environ["MMSOUP_PLAIN_PROGRESS"] = env_before
     return out
+
+
+def _children() -> set[int]:
+    """Process ids of this process's descendants (the kernels papermill starts are among them)."""
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _stop_kernels(before: set[int], wait_s: float = 5.0) -> int:
+    """Stop the descendants started since `before` (a notebook's kernel and what it started):
+    SIGTERM, then SIGKILL after `wait_s`; returns how many there were."""
+    import psutil
+
+    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=wait_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=wait_s)
+    return len(procs)
 
 
 def reproduce(

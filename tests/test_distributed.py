@@ -140,3 +140,31 @@ def test_entry_point_runs_alone_and_only_rank0_writes(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out.is_file() and summary["world"] == 1 and summary["n_evals"] == len(paths) + 2
     assert summary[str(tmp_path / "held.npz")] == summary["val_acc"]  # the same set, scored again
+
+
+def test_one_rank_of_two_times_out_naming_the_missing_rank(tmp_path, capsys, monkeypatch):
+    """WORLD_SIZE=2 and only rank 0 started: after --timeout, one sentence naming rank 1, exit 2."""
+    import time
+
+    from mmsoup import cli
+    from mmsoup.checkpoints import save_state_dict
+
+    pool, _, _, _ = _case()
+    for i, sd in enumerate(pool[:2]):
+        save_state_dict(sd, tmp_path / f"model_{i}.safetensors")
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in (env | {"MASTER_PORT": str(free_port())}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    out = tmp_path / "out" / "mms.safetensors"
+    argv = ["distributed", "--ingredients", str(tmp_path), "--timeout", "2", "--out", str(out)]
+    argv += ["--backend", "gloo"]
+    start = time.monotonic()
+    assert cli.main(argv) == 2
+    assert time.monotonic() - start < 60  # bounded by --timeout, not the 1800 s collective timeout
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "mmsoup: error: Rank 0 of WORLD_SIZE=2 waited 2 s and rank 1 never started; start every "
+        "rank (torchrun --nproc_per_node=2 ...) or raise --timeout."
+    ]
+    assert not out.parent.exists()

@@ -524,6 +524,13 @@ def _(tmp):
     return ["distributed", "--ingredients", *pool, "--out", "/proc/forbidden/s.safetensors"]
 
 
+@case("distributed --timeout 0", "--timeout 0.0 is out of range", "seconds > 0")
+def _(tmp):
+    pool = [str(p) for p in _pool(tmp)]
+    out = str(tmp / "o" / "s.safetensors")
+    return ["distributed", "--ingredients", *pool, "--timeout", "0", "--out", out]
+
+
 @case("distributed ingredient missing", "--ingredients", "nope.safetensors does not exist")
 def _(tmp):
     missing = str(tmp / "nope.safetensors")
@@ -846,6 +853,57 @@ def _(tmp):
 
 def _held(tmp: Path, images: torch.Tensor, **more) -> None:
     torch.save({"images": images, "labels": torch.tensor([0, 1, 0, 1]), **more}, tmp / "held.pt")
+
+
+@case(
+    "own config: unknown preprocess key",
+    "preprocess has the unknown key 'size'",
+    "valid keys: resize, crop, interpolation, mean, std",
+)
+def _(tmp):
+    return _own_config(tmp, preprocess={"size": 32})
+
+
+@case(
+    "own config: preprocess interpolation 'cubic'",
+    "preprocess: interpolation='cubic' is not known",
+    "one of bilinear, bicubic",
+)
+def _(tmp):
+    return _own_config(tmp, preprocess={"interpolation": "cubic"})
+
+
+@case("own config: preprocess std 0", "preprocess: std=[0.2, 0, 0.2] is not valid", "> 0")
+def _(tmp):
+    return _own_config(tmp, preprocess={"std": [0.2, 0, 0.2]})
+
+
+@case("own config: preprocess mean of 2", "preprocess: mean=[0.5, 0.5] is not valid", "3 numbers")
+def _(tmp):
+    return _own_config(tmp, preprocess={"mean": [0.5, 0.5]})
+
+
+@case("own config: preprocess resize 0", "preprocess: resize=0 is out of range", "1..8192")
+def _(tmp):
+    return _own_config(tmp, preprocess={"resize": 0})
+
+
+@case("own config: test set missing", "Test data", "nope.pt does not exist", "check the path")
+def _(tmp):
+    torch.save({"images": torch.randn(4, 3), "labels": torch.tensor([0, 1, 0, 1])}, tmp / "held.pt")
+    return _own_config(tmp, test="nope.pt")
+
+
+@case("own config: test set empty string", "test='' is not known", "a test set")
+def _(tmp):
+    return _own_config(tmp, test="")
+
+
+@case("own: test set labels do not match", "Test data", "4 inputs but labels of shape (3,)")
+def _(tmp):
+    torch.save({"images": torch.randn(4, 3), "labels": torch.tensor([0, 1, 0, 1])}, tmp / "held.pt")
+    torch.save({"images": torch.randn(4, 3), "labels": torch.tensor([0, 1, 0])}, tmp / "test.pt")
+    return _own_config(tmp, test="test.pt")
 
 
 @case("own: held-out images all NaN", "held.pt: 4 of 4 inputs hold NaN or Inf", "re-export")
@@ -1360,3 +1418,51 @@ def test_a_bad_config_is_refused_by_the_first_command_in_a_fresh_process(tmp_pat
         "mmsoup: error: In --config, epochs='abc' has the wrong type (str); use an integer >= 1."
     ]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_error_line_starts_a_line_after_a_live_progress_bar(capsys):
+    """An error raised mid-loop leaves its bar open (the cursor after it): the CLI closes live
+    bars first, so `mmsoup: error:` starts at the beginning of a line, never glued to a bar."""
+    from mmsoup.progress import tqdm
+
+    def score(i: int) -> float:
+        if i == 3:
+            raise MMSoupError("Checkpoint x.safetensors is corrupt; re-save it.")
+        return 0.5
+
+    def job(args):  # as run_recipes ranks the ingredients: the comprehension's frame, kept by
+        bar = tqdm(range(10), desc="ingredients", mininterval=0)  # the traceback, holds the bar
+        return [score(i) for i in bar]
+
+    cli.command("errors-bar", "a bar, then an error")(job)
+    try:
+        assert cli.main(["errors-bar"]) == 2
+    finally:
+        del cli.COMMANDS["errors-bar"]
+    err = capsys.readouterr().err
+    assert "ingredients" in err  # the bar was drawn
+    at = err.index("mmsoup: error: ")
+    assert at > 0 and err[at - 1] == "\n", repr(err[max(0, at - 40) : at + 20])
+    assert err.endswith("mmsoup: error: Checkpoint x.safetensors is corrupt; re-save it.\n")
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    """Atomic writes (mkstemp: 0600) end with the mode open() gives: 0666 & ~umask."""
+    import stat
+
+    from mmsoup.io import write_json, write_text
+
+    old = os.umask(0o022)
+    try:
+        written = [
+            write_text(tmp_path / "a.txt", "x"),
+            write_json(tmp_path / "b.json", {"a": 1}),
+            save_state_dict({"w": torch.ones(2)}, tmp_path / "c.safetensors"),
+            tmp_path / "c.json",  # its sidecar
+        ]
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in written}
+        assert modes == dict.fromkeys(modes, 0o644)
+        os.umask(0o077)
+        assert stat.S_IMODE(write_text(tmp_path / "d.txt", "x").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

@@ -44,7 +44,7 @@ def _accuracy(logits: torch.Tensor, labels: list[int]) -> float:
     return int((logits.argmax(-1) == torch.tensor(labels)).sum()) / len(labels)
 
 
-def test_an_image_folder_held_out_set_scores_as_the_model_applied_to_its_images(tmp_path):
+def test_an_image_folder_held_out_set_scores_as_the_model_applied_to_its_images(tmp_path, capsys):
     import timm
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
@@ -73,6 +73,12 @@ def test_an_image_folder_held_out_set_scores_as_the_model_applied_to_its_images(
     # independently: the model applied to the same PNGs with timm's evaluation transform
     model = timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
     transform = create_transform(**resolve_data_config({"input_size": (3, 32, 32)}, model=model))
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "preprocess:" in x]
+    resize = next(t for t in transform.transforms if type(t).__name__ == "Resize")
+    assert line.startswith(
+        f"mmsoup: preprocess: resize shorter side to {resize.size} ({resize.interpolation.value}), "
+        "centre crop 32, mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5); the model's own (timm's"
+    ), line
     images = torch.stack([transform(Image.open(p).convert("RGB")) for p, _ in items])
     labels = [label for _, label in items]
 
@@ -92,6 +98,49 @@ def test_an_image_folder_held_out_set_scores_as_the_model_applied_to_its_images(
     card = (out / "MODEL_CARD.md").read_text()
     for i, a in enumerate(expected):
         assert f"| {i} | ft{i}.safetensors | {a:.4f} |" in card
+
+
+def test_the_config_sets_the_preprocessing_of_image_folders(tmp_path, capsys):
+    import timm
+    from PIL import Image
+    from torchvision import transforms as T
+
+    items = _image_folder(tmp_path / "held_out", per_class=4)
+    kwargs = {"num_classes": 3, "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48}
+    torch.manual_seed(0)
+    init = timm.create_model("vit_tiny_patch16_224", **kwargs).state_dict()
+    pool = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        pool.append({k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in init.items()})
+        save_state_dict(pool[-1], tmp_path / f"ft{i}.safetensors")
+    given = {"resize": 40, "crop": 32, "interpolation": "bilinear", "mean": [0.2, 0.3, 0.4]}
+    given["std"] = [0.5, 0.6, 0.7]
+    config = _config(
+        tmp_path, model="timm:vit_tiny_patch16_224", model_kwargs=kwargs, image_size=32,
+        held_out="held_out", recipes=["uniform"], preprocess=given,
+    )  # fmt: skip
+    res = soup_from_config(config, progress=False)
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "preprocess:" in x]
+    assert line == (
+        "mmsoup: preprocess: resize shorter side to 40 (bilinear), centre crop 32, "
+        "mean (0.2, 0.3, 0.4), std (0.5, 0.6, 0.7); the config's preprocess:"
+    )
+    transform = T.Compose(
+        [T.Resize(40, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(32),
+         T.ToTensor(), T.Normalize(given["mean"], given["std"])]
+    )  # fmt: skip
+    images = torch.stack([transform(Image.open(p).convert("RGB")) for p, _ in items])
+    model = timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
+
+    def acc(state) -> float:
+        model.load_state_dict(state)
+        with torch.no_grad():
+            return _accuracy(model(images), [label for _, label in items])
+
+    assert res["ingredient_val_accs"] == [acc(s) for s in pool]
+    card = (tmp_path / "soup" / "MODEL_CARD.md").read_text()
+    assert "Preprocessing of image folders: resize shorter side to 40 (bilinear)" in card
 
 
 def _resnet_config(tf):
@@ -133,7 +182,7 @@ def _hf_runs(tf, root: Path, n: int = 3, vit: bool = False) -> list[Path]:
     return folders
 
 
-def test_a_hugging_face_image_classifier_pool_with_its_image_processor(tmp_path):
+def test_a_hugging_face_image_classifier_pool_with_its_image_processor(tmp_path, capsys):
     tf = pytest.importorskip("transformers")
     from PIL import Image
 
@@ -151,6 +200,9 @@ def test_a_hugging_face_image_classifier_pool_with_its_image_processor(tmp_path)
         bn_recalibration="final",
     )
     res = soup_from_config(config, progress=False)
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "preprocess:" in x]
+    assert line.startswith("mmsoup: preprocess: resize to 32x32 (bilinear), no crop, mean (0.5")
+    assert line.endswith("the model's own (its image processor, preprocessor_config.json)")
     assert list(res["partition"]) == [
         "stem..resnet.encoder.stages.0", "resnet.encoder.stages.1", "classifier.1"
     ]  # fmt: skip
@@ -174,16 +226,24 @@ def test_a_hugging_face_image_classifier_pool_with_its_image_processor(tmp_path)
     assert all(a in {k / len(items) for k in range(len(items) + 1)} for a in accs)
     out = tmp_path / "soup"
     for recipe in ("uniform", "greedy", "mms"):
-        soup = load_state_dict(out / f"{recipe}.safetensors")
+        soup = load_state_dict(out / recipe)  # a folder: weights, config.json, the processor's
         assert list(soup) == list(model.state_dict())
         score = acc(soup)
         assert 0.0 <= score <= 1.0
         if recipe != "mms":  # MMS's own score comes from its mixed evaluations (prefix reuse)
             assert score == res[recipe].val_acc
+        # transformers' own loading of the soup folder: the same weights, the same processor
+        loaded = tf.AutoModelForImageClassification.from_pretrained(out / recipe).eval()
+        assert type(loaded).__name__ == "ResNetForImageClassification"
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in soup.items())
+        again = tf.AutoImageProcessor.from_pretrained(out / recipe)
+        assert again.to_dict() == processor.to_dict()
+        assert json.loads((out / f"{recipe}.json").read_text())["val_acc"] == res[recipe].val_acc
     assert res["greedy"].val_acc >= max(accs) and res["mms"].val_acc >= max(accs)
     card = (out / "MODEL_CARD.md").read_text()
     for i, a in enumerate(accs):
         assert f"| {i} | run{i} | {a:.4f} |" in card
+    assert "transformers.ResNetForImageClassification.from_pretrained(" in card
 
 
 def test_a_hugging_face_vit_saved_under_transformers_names_soups_and_reloads(tmp_path):
@@ -221,15 +281,11 @@ def test_a_hugging_face_vit_saved_under_transformers_names_soups_and_reloads(tmp
 
     assert res["ingredient_val_accs"] == [reloaded_acc(run) for run in runs]
     for recipe in ("uniform", "greedy"):
-        soup = load_state_dict(tmp_path / "soup" / f"{recipe}.safetensors")
+        soup = load_state_dict(tmp_path / "soup" / recipe)
         assert set(soup) == set(file_keys)  # written under the checkpoints' names
-        folder = tmp_path / f"reload-{recipe}"
-        folder.mkdir()
-        (folder / "config.json").write_bytes((runs[0] / "config.json").read_bytes())
-        save_state_dict(soup, folder / "model.safetensors")
-        assert reloaded_acc(folder) == res[recipe].val_acc
+        assert reloaded_acc(tmp_path / "soup" / recipe) == res[recipe].val_acc
     mean = sum(load_state_dict(run)["classifier.weight"] for run in runs) / 3
-    uniform = load_state_dict(tmp_path / "soup" / "uniform.safetensors")
+    uniform = load_state_dict(tmp_path / "soup" / "uniform")
     assert torch.allclose(uniform["classifier.weight"], mean, atol=1e-6)
 
 
@@ -315,7 +371,8 @@ def test_hf_names_resolve_to_a_snapshot_of_the_local_cache_offline(tmp_path, mon
         recipes=["uniform"],
     )
     res = soup_from_config(config, progress=False)
-    soup = load_state_dict(tmp_path / "soup" / "uniform.safetensors")
+    soup = load_state_dict(tmp_path / "soup" / "uniform")  # with the snapshot's config.json
+    assert (tmp_path / "soup" / "uniform" / "config.json").is_file()
     cached = load_state_dict(snapshot / "model.safetensors")
     other = load_state_dict(runs[1])
     key = "classifier.1.weight"

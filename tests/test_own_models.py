@@ -88,7 +88,12 @@ def test_a_tiny_bert_sequence_classifier_with_a_val_acc_callable(tmp_path):
     ]  # fmt: skip
     best = max(res["ingredient_val_accs"])
     assert res["greedy"].val_acc >= best and res["mms"].val_acc >= best
-    assert val_acc(load_state_dict(tmp_path / "soup" / "mms.safetensors")) == res["mms"].val_acc
+    soup = (
+        tmp_path / "soup" / "mms"
+    )  # a folder with the model's config.json: from_pretrained loads it
+    assert val_acc(load_state_dict(soup)) == res["mms"].val_acc
+    loaded = tf.BertForSequenceClassification.from_pretrained(soup)
+    assert val_acc(loaded.state_dict()) == res["mms"].val_acc
 
 
 def test_inspect_flags_a_candidate_from_another_basin(tmp_path, capsys):
