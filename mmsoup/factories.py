@@ -65,13 +65,27 @@ def _transformers(folder: Path, trust_code: bool = False, **kwargs: Any) -> Mode
     if trust_code and _auto_map(folder):
         kwargs.setdefault("trust_remote_code", True)
     remote = {"trust_remote_code": True} if kwargs.get("trust_remote_code") else {}
-    config = tf.AutoConfig.from_pretrained(folder, **kwargs)
+    try:
+        config = tf.AutoConfig.from_pretrained(folder, **kwargs)
+    except (ValueError, KeyError, OSError) as e:  # an unknown model_type, a broken config.json
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise MMSoupError(
+            f"Hugging Face folder {folder} has a config.json that transformers "
+            f"{tf.__version__} cannot read ({first}); check its model_type or upgrade transformers."
+        ) from e
     arch = " ".join(config.architectures or [])
     image = "ImageClassification" in arch or (
         not arch and type(config) in tf.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
     )
     auto = tf.AutoModelForImageClassification if image else tf.AutoModelForSequenceClassification
-    module = auto.from_config(config, **remote).eval()
+    try:
+        module = auto.from_config(config, **remote).eval()
+    except ValueError as e:  # a model_type without a classification head in this library
+        raise MMSoupError(
+            f"Hugging Face folder {folder}: {type(config).__name__} has no "
+            f"{auto.__name__.removeprefix('AutoModelFor')} model in transformers {tf.__version__}; "
+            "mmsoup soups image or sequence classifiers."
+        ) from e
     module.register_forward_hook(lambda m, args, out: out.logits)  # ModelOutput -> (B, C)
     transform = None
     if image and (folder / "preprocessor_config.json").is_file():

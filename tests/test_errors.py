@@ -631,6 +631,19 @@ def _(tmp):
 
 
 @case(
+    "own: a Hugging Face folder whose model_type transformers does not know",
+    "has a config.json that transformers",
+    "nonexistent_arch",
+    "check its model_type or upgrade transformers",
+)
+def _(tmp):
+    _write(tmp / "hf" / "config.json", json.dumps({"model_type": "nonexistent_arch"}))
+    held = {"images": torch.randn(4, 3), "labels": torch.tensor([0, 1, 0, 1])}
+    torch.save(held, tmp / "held.pt")
+    return _own_config(tmp, model="./hf")
+
+
+@case(
     "own config: a YAML alias bomb",
     "uses the YAML anchor &a (line 1)",
     "aliases and anchors are refused",
