@@ -636,7 +636,7 @@ def cmd_ablation(args: argparse.Namespace) -> None:
         params = {"profile": args.base, "ablation_dir": str(results)}
         with tempfile.TemporaryDirectory() as tmp:
             done = run_notebook("09_when_mms_helps", params, Path(tmp), stream=False)
-            here = {results: "../results/ablation", notebooks_dir(): "."}
+            here = {results: "../results/ablation", notebooks_dir(): ".", Path(tmp): "."}
             _log(f"chapter 09 executed: {publish(done, executed / done.name, here)}")
 
 
