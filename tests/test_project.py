@@ -104,11 +104,11 @@ def test_no_import_cycles():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-# -- issue 26: chapters that say what they show, laid out for a page ---------------------------------
+# -- chapters that say what they show, laid out for a page ---------------------------------
 EXECUTED = sorted((ROOT / "notebooks" / "executed").glob("*.ipynb"))
 LONG_FLOAT = re.compile(r"(?<![\w.])-?\d+\.\d{5,}(?!\d)")  # 83.518931, np.float64(0.00188...)
 PAGE_INCHES = 10.5  # ~10 inches: a figure wider than this does not fit a page at its saved dpi
-# Executed before issue 26 and not yet re-executed (they need the embedded run's checkpoints):
+# Executed before the chapters gained their closing lists and not yet re-executed (they need the embedded run's checkpoints):
 # `make reproduce` regenerates them; then this set must shrink (strict xfail).
 STALE_EXECUTED = {
     "02_soups.ipynb",
@@ -161,7 +161,10 @@ def page_problems(path: Path) -> list[str]:
     [
         pytest.param(
             p,
-            marks=pytest.mark.xfail(strict=True, reason="executed before issue 26; regenerate")
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="executed before the chapters closed on their findings; regenerate",
+            )
             if p.name in STALE_EXECUTED
             else (),
         )
