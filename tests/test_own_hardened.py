@@ -1,4 +1,4 @@
-"""Soup your own checkpoints, hardened (issue 24): BatchNorm statistics kept only when they help,
+"""Soup your own checkpoints, hardened: BatchNorm statistics kept only when they help,
 the optional test set, the MMS τ warning, inspect's angle over parameters only, its columns."""
 
 from __future__ import annotations

