@@ -7,10 +7,12 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the exact versions the committed results were made with (`pip freeze`); another
+# version of torch, NumPy, pandas or matplotlib writes other bytes (README, "Same bytes").
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,own]'
+	$(BIN)/pip install --quiet -e '.[test,own]' -c constraints.txt
 	touch $@
 
 lint: setup

@@ -207,18 +207,71 @@ def read_spec(path: str | os.PathLike) -> Spec:
 
 
 def provenance(**extra: Any) -> dict[str, Any]:
-    """A provenance record: time, host, machine (CPU, BLAS kernels), versions, plus `extra`."""
+    """A provenance record: time, host, machine, the numerics settings, versions, plus `extra`.
+
+    `write_sidecar` keeps what decides the bits (`numerics`, `versions`) in the sidecar and moves
+    what differs run to run (TIMING_KEYS: time, host, machine, seconds) to a timings file.
+    """
     import mmsoup
     from mmsoup.determinism import machine_info
+    from mmsoup.isa import numerics
 
     return {
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
-        "machine": machine_info(),  # two machines' bits differ; this says which machine made these
+        "machine": machine_info(),  # where it ran (kept with the timings, not committed)
+        "numerics": numerics(),  # what decides the bits: the instruction-set pins (mmsoup.isa)
         "versions": library_versions(),
         "mmsoup": mmsoup.__version__,
         **extra,
     }
+
+
+# Values that differ from one run of the same computation to the next (wall clock, the machine it
+# ran on): never in a sidecar, so that a re-run writes the same bytes; kept in timings/<name>.json.
+TIMING_KEYS = frozenset(
+    {"created", "host", "machine", "seconds", "train_seconds", "wall_seconds", "wall_time_s"}
+)
+
+
+def split_timings(meta: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(meta without TIMING_KEYS, the TIMING_KEYS values), at any depth of nested dicts."""
+    kept: dict[str, Any] = {}
+    timings: dict[str, Any] = {}
+    for key, value in meta.items():
+        if key in TIMING_KEYS:
+            timings[key] = value
+        elif isinstance(value, Mapping):
+            kept[key], inner = split_timings(value)
+            if inner:
+                timings[key] = inner
+        else:
+            kept[key] = value
+    return kept, timings
+
+
+def _merge(meta: dict[str, Any], timings: Mapping[str, Any]) -> dict[str, Any]:
+    """`meta` with the values of `timings` put back where split_timings took them from."""
+    for key, value in timings.items():
+        if isinstance(value, Mapping) and isinstance(meta.get(key), dict):
+            _merge(meta[key], value)
+        else:
+            meta[key] = value
+    return meta
+
+
+def timings_path(sidecar: str | os.PathLike) -> Path:
+    """Where a sidecar's timings live: `timings/<name>.json` in the sidecar's folder."""
+    sidecar = Path(sidecar)
+    return sidecar.parent / "timings" / sidecar.with_suffix(".json").name
+
+
+def write_sidecar(path: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
+    """Write a JSON record without its timings, and the timings beside it (`timings_path`)."""
+    kept, timings = split_timings(meta)
+    if timings:
+        write_json(timings_path(path), timings)
+    return write_json(Path(path), kept)
 
 
 def library_versions() -> dict[str, str]:
@@ -226,13 +279,19 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import version
 
     return {
-        "python": platform.python_version(),
+        "python": ".".join(platform.python_version_tuple()[:2]),  # a patch release changes no sum
         "torch": torch.__version__,
         **{name: version(dist) for name, dist in _VERSIONED.items()},
     }
 
 
-_VERSIONED = {"numpy": "numpy", "nevergrad": "nevergrad", "open_clip": "open_clip_torch"}
+_VERSIONED = {
+    "numpy": "numpy",
+    "scipy": "scipy",
+    "scikit-learn": "scikit-learn",
+    "nevergrad": "nevergrad",
+    "open_clip": "open_clip_torch",
+}
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -255,14 +314,19 @@ def save_state_dict(
         save_file(tensors, tmp, metadata={KEY_ORDER: json.dumps(list(tensors))})
         # inside the block: if the sidecar cannot be written, the checkpoint is not renamed in
         # either, so a checkpoint never appears without its sidecar
-        write_json(sidecar_path(path), provenance(**(meta or {})))
+        write_sidecar(sidecar_path(path), provenance(**(meta or {})))
     return path
 
 
-def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON sidecar of a checkpoint, or {} when it has none."""
+def read_sidecar(path: str | os.PathLike, timings: bool = False) -> dict[str, Any]:
+    """The JSON sidecar of a checkpoint (or a JSON record), or {} when it has none; `timings`
+    puts back its wall-clock values (time, host, machine, seconds) from `timings_path`."""
     side = sidecar_path(path)
-    return json.loads(side.read_text()) if side.is_file() else {}
+    meta = json.loads(side.read_text()) if side.is_file() else {}
+    extra = timings_path(side)
+    if timings and meta and extra.is_file():
+        _merge(meta, json.loads(extra.read_text()))
+    return meta
 
 
 def ingredient_name(ingredient: Ingredient, index: int) -> str:

@@ -11,9 +11,10 @@ profile field, recorded in every sidecar), never "whatever the machine has":
 - `torch.use_deterministic_algorithms` on (warn-only: a CPU op without a deterministic kernel
   warns instead of failing).
 
-Another CPU model may still give other bits (OpenBLAS and MKL pick kernels per CPU; the
-`machine` record in each sidecar names them): across machines the study's conclusions, not its
-bytes, are what reproduces (see `mmsoup.replicates`).
+Across machines, the instruction set decides the rest: `mmsoup.isa` pins torch, MKL, oneDNN and
+OpenBLAS to one level (AVX2) at `import mmsoup`, and `pinned` switches oneDNN off for the block,
+so that any x86-64 CPU with AVX2 writes the same bytes (the `numerics` record of each sidecar says
+which settings made them).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import contextlib
 import functools
 import os
 import platform
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from mmsoup import isa
 
 # Environment of a child process (a sweep run): its OpenMP/BLAS pools start at this size.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -45,15 +49,27 @@ def pinned(threads: int | None) -> Iterator[None]:
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
+    was_mkldnn = torch.backends.mkldnn.enabled
     if threads is not None:
         torch.set_num_threads(max(1, threads))
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if isa.pinned_mode():  # oneDNN blocks its kernels by the CPU's caches (mmsoup.isa)
+        torch.backends.mkldnn.enabled = False
+        _warn_once(isa.check())
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             yield
     finally:
         torch.set_num_threads(before)
         torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
+        torch.backends.mkldnn.enabled = was_mkldnn
+
+
+@functools.cache
+def _warn_once(message: str | None) -> None:
+    """Print `message` (isa.check's sentence) once per process on stderr."""
+    if message:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -77,7 +93,10 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """What decides the bits besides code and seeds: CPU, cores, torch threads, BLAS kernels."""
+    """Where a result was made: CPU, its instruction-set level, cores, threads, BLAS kernels.
+
+    Kept with the timings (uncommitted), not in the sidecar: pinned, two machines make the same
+    bytes, and the sidecar holds only what decides them (`isa.numerics`)."""
     from threadpoolctl import threadpool_info
 
     blas = sorted(
@@ -89,6 +108,7 @@ def machine_info() -> dict[str, Any]:
     )
     return {
         "cpu": cpu_model(),
+        "cpu_flags_level": isa.cpu_flags_level(),
         "machine": platform.machine(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -22,9 +22,9 @@ from mmsoup.checkpoints import (
     library_versions,
     provenance,
     validate_pool,
+    write_sidecar,
 )
 from mmsoup.evaluate import Evaluator, accuracy
-from mmsoup.io import write_json
 from mmsoup.result import best_first
 
 
@@ -45,7 +45,7 @@ class EnsembleResult:
         sidecar; an ensemble has no fused weights, it keeps its members)."""
         meta = {k: getattr(self, k) for k in ("val_acc", "ingredients", "n_evals")}
         meta |= {"ingredient_val_accs": self.ingredient_val_accs, "trace": self.trace}
-        write_json(path, provenance(**meta, info=self.info))
+        write_sidecar(path, provenance(**meta, info=self.info))
         return Path(path)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mmsoup.checkpoints import load_state_dict, read_sidecar
+from mmsoup.checkpoints import load_state_dict, read_sidecar, write_sidecar
 from mmsoup.context import context, id_set, ingredient_paths, shifts
 from mmsoup.determinism import pinned
 from mmsoup.errors import MMSoupError
@@ -57,14 +57,19 @@ def finetune_stage(
     start = time.perf_counter()
     from mmsoup.progress import tqdm
 
-    with tqdm(desc="pretrain backbone", unit="step") as bar:
+    bars: list[Any] = []  # a bar only when pretraining runs (the released backbone is copied)
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            bar.total = total
-            bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
-            bar.update(step + 1 - bar.n)
+    def on_step(step: int, total: int, loss: float) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="pretrain backbone", unit="step"))
+        bars[0].set_postfix_str(f"loss {loss:.3f}", refresh=False)
+        bars[0].update(step + 1 - bars[0].n)
 
-        _, lp = prepare(profile, on_step=on_step)  # cached: no steps when already pretrained
+    try:
+        _, lp = prepare(profile, on_step=on_step)  # released or cached: no steps
+    finally:
+        for bar in bars:
+            bar.close()
     sweep_file = write_sweep(profile_configs(profile), run_dir / "sweep", lp, profile=profile)
     run_sweep(sweep_file, jobs=jobs or prof.jobs)
     _record_time(run_dir, "finetune", time.perf_counter() - start)
@@ -141,14 +146,14 @@ def soup_stage(
             continue
         t0 = time.perf_counter()
         r.write(pool, out)
-        meta = read_sidecar(file) if file.suffix == ".safetensors" else json.loads(file.read_text())
+        meta = read_sidecar(file, timings=True)  # a checkpoint's sidecar, or an ensemble's file
         meta["seconds"] = time.perf_counter() - t0
-        write_json(file.with_suffix(".json"), meta)  # the sidecar, or the ensemble's own file
+        write_sidecar(file.with_suffix(".json"), meta)
         rows.append(_summary_row(r.name, file))
     _record_time(run_dir, "soups", time.perf_counter() - start)
     table = pd.DataFrame(rows)
     with atomic_path(out / "summary.csv") as tmp:
-        table.to_csv(tmp, index=False)
+        table.to_csv(tmp, index=False, float_format="%.2f")
     return table
 
 
@@ -160,14 +165,15 @@ def _optimizers(info: dict[str, Any]) -> str:
 
 
 def _summary_row(name: str, file: Path) -> dict[str, Any]:
-    meta = read_sidecar(file) if file.suffix == ".safetensors" else json.loads(file.read_text())
+    """A recipe's line in soups/summary.csv (no wall time: the file is committed; the seconds
+    are in soups/timings/)."""
+    meta = read_sidecar(file)
     return {
         "method": name,
         "val_acc": 100 * meta.get("val_acc", float("nan")),
         "ingredients": len(meta.get("ingredients", [])),
         "n_evals": meta.get("n_evals"),
         "optimizer": _optimizers(meta.get("info", {})),
-        "seconds": round(meta.get("seconds", float("nan")), 1),
         "file": file.name,
     }
 

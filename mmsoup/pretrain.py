@@ -7,6 +7,13 @@ weights), matching how the features are used later (the classifier of both paper
 L2-normalised features to a linear head). The result is cached under `<cache>/backbone/`, keyed by
 the config and the glyph bank, and reused when present.
 
+Released backbone: like the 72 CLIP checkpoints of the real study, the embedded backbone is not
+re-trained by a reader. The one `make reproduce` uses (pinned instruction set, `mmsoup.isa`; two
+threads) is committed in `mmsoup/data/released/` with its sha256 in `data_manifest.csv` (row
+`backbone`), and copied into the cache after its checksum is verified. `mmsoup pretrain
+--recreate` trains it again from scratch, and a test checks that the result equals the released
+file byte for byte.
+
 Linear probe: logistic regression on the frozen, L2-normalised features of the `train` split, C
 chosen on `heldout`; its weights initialise the 10-class head -> the LP init (= model_0 of the
 sweep, the zero-shot end of WiSE-FT).
@@ -28,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
+from mmsoup import isa
+from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict, sidecar_path
 from mmsoup.determinism import pinned
 from mmsoup.errors import MMSoupError
 from mmsoup.finetune import NUM_CLASSES, digits_cache, lr_factor
@@ -36,6 +44,8 @@ from mmsoup.io import cache_root
 from mmsoup.models import TINY_ARCH, ImageClassifier, create_classifier
 
 LP_C_GRID = tuple(float(c) for c in np.logspace(-2, 2, 9))  # inverse L2 strengths tried on heldout
+RELEASED_DIR = Path(__file__).parent / "data" / "released"  # the committed backbone(s)
+RELEASED_ROW = "backbone"  # its row in data_manifest.csv
 
 
 @dataclass(frozen=True)
@@ -106,8 +116,8 @@ def pretrain(
 
     bank_np, labels_np = digits.pretraining_glyphs(cache_dir=digits_cache(cache_dir))
     num_classes = int(labels_np.max()) + 1
-    # the thread count is part of the key: another count trains other bits (mmsoup.determinism)
-    tag = "" if threads is None else f"-t{threads}"
+    # the thread count and the instruction-set pin are part of the key: either trains other bits
+    tag = ("" if threads is None else f"-t{threads}") + ("-avx2" if isa.pinned_mode() else "")
     path = (
         cache_root(cache_dir)
         / "backbone"
@@ -115,6 +125,8 @@ def pretrain(
     )
     if not force and path.is_file() and "fresh_acc" in read_sidecar(path):
         return path
+    if not force and (RELEASED_DIR / path.name).is_file():
+        return _copy_released(RELEASED_DIR / path.name, path)
 
     start = time.perf_counter()
     bank, labels = torch.as_tensor(bank_np), torch.as_tensor(labels_np, dtype=torch.long)
@@ -155,6 +167,36 @@ def pretrain(
         "glyph_bank_sha256": _sha(bank_np, labels_np),
     }
     save_state_dict(model.state_dict(), path, meta)
+    return path
+
+
+def released_sha256() -> str:
+    """The released backbone's sha256, from its row in data_manifest.csv."""
+    from mmsoup.data.manifest import read_manifest
+
+    rows = read_manifest()
+    row = rows[rows["name"] == RELEASED_ROW]
+    if row.empty:
+        raise MMSoupError(f"data_manifest.csv has no row {RELEASED_ROW!r}; reinstall mmsoup.")
+    return str(row["sha256"].iloc[0])
+
+
+def _copy_released(released: Path, path: Path) -> Path:
+    """Copy the released backbone (and its sidecar) into the cache after checking its sha256."""
+    import shutil
+
+    from mmsoup.io import atomic_path, sha256_file
+
+    expected, found = released_sha256(), sha256_file(released)
+    if found != expected:
+        raise MMSoupError(
+            f"The released backbone {released.name} has sha256 {found[:12]}…, not the "
+            f"{expected[:12]}… of data_manifest.csv; reinstall mmsoup or run `mmsoup pretrain --recreate`."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:  # the weights appear only with their sidecar beside them
+        shutil.copyfile(released, tmp)
+        shutil.copyfile(sidecar_path(released), sidecar_path(path))
     return path
 
 
@@ -253,10 +295,12 @@ def prepare(
     cache_dir: str | os.PathLike | None = None,
     threads: int | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    force: bool = False,
 ) -> tuple[Path, Path]:
     """The (backbone, LP init) checkpoints of a profile, built if not cached (one command).
 
-    `threads` None: the profile's thread count (see Profile.threads).
+    `threads` None: the profile's thread count (see Profile.threads). The backbone comes from the
+    released file when there is one for this config (`RELEASED_DIR`); `force` trains it again.
     """
     from mmsoup.profiles import get_profile
 
@@ -268,8 +312,12 @@ def prepare(
             "use --profile embedded or smoke."
         )
     config = PretrainConfig(arch=prof.arch, **{"seed": prof.pretrain_seed, **prof.pretrain})
-    backbone = pretrain(config, cache_dir=cache_dir, threads=threads, on_step=on_step)
+    backbone = pretrain(config, cache_dir=cache_dir, threads=threads, on_step=on_step, force=force)
     lp = linear_probe(
-        backbone, cache_dir=cache_dir, threads=threads, heldout_images=prof.heldout_images
+        backbone,
+        cache_dir=cache_dir,
+        threads=threads,
+        heldout_images=prof.heldout_images,
+        force=force,
     )
     return backbone, lp

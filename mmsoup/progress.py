@@ -4,7 +4,9 @@ headless notebook.
 Under headless papermill (`MMSOUP_PLAIN_PROGRESS` set by `mmsoup.reproduce`) the live bar is
 written to the kernel's original stderr, the terminal that launched the run, which ipykernel keeps
 as `sys.stderr.fileno()`; what the executed notebook records is one line per finished bar
-(e.g. `sweep: 12/12 run in 07:10`), never one line per refresh.
+(e.g. `sweep: 100%|██████████| 12/12, model_11 val_acc=0.9480`), never one line per refresh, and
+without its elapsed time or rate: an executed notebook must not depend on the clock (the committed
+copies are compared byte for byte with a reader's run).
 """
 
 from __future__ import annotations
@@ -41,11 +43,22 @@ def tqdm(*args: Any, **kwargs: Any):
             self._mmsoup_reported = True
             super().close()
             if done and sys.stderr is not sys.__stderr__:  # a kernel: the notebook's one line
-                print(self.format_meter(**self.format_dict).strip(), file=sys.stderr, flush=True)
+                print(final_line(self.format_dict), file=sys.stderr, flush=True)
 
     kwargs.setdefault("file", _terminal())
     kwargs.setdefault("mininterval", 2.0)  # a streamed log, not an animation
     return Headless(*args, **kwargs)
+
+
+# A finished bar without its clock: description, bar, count and postfix (no elapsed time or rate).
+FINAL_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt}{postfix}"
+
+
+def final_line(format_dict: dict[str, Any]) -> str:
+    """The one line a headless notebook keeps of a finished bar (tqdm's meter, clock left out)."""
+    from tqdm.std import tqdm as std
+
+    return std.format_meter(**{**format_dict, "bar_format": FINAL_FORMAT}).strip()
 
 
 def pretrain_lines(step: int, total: int, loss: float) -> None:

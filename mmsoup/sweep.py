@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mmsoup.checkpoints import read_sidecar, sidecar_path
+from mmsoup.checkpoints import read_sidecar, sidecar_path, write_sidecar
 from mmsoup.determinism import child_env
 from mmsoup.errors import MMSoupError
 from mmsoup.finetune import FinetuneConfig, is_done, run_finetune
@@ -210,8 +210,9 @@ def write_sweep(
     if not init_copy.is_file() or sha256_file(init_copy) != sha256_file(init):
         with atomic_path(init_copy) as tmp:
             shutil.copyfile(init, tmp)
-        write_json(
-            sidecar_path(init_copy), {**read_sidecar(init), "source": str(Path(init).resolve())}
+        write_sidecar(
+            sidecar_path(init_copy),
+            {**read_sidecar(init, timings=True), "source": str(Path(init).resolve())},
         )
     write_json(
         path,
@@ -331,9 +332,7 @@ def run_sweep(
 
     def finished(meta: dict[str, Any]) -> None:
         results.append(meta)
-        bar.set_postfix_str(
-            f"{meta['name']} val_acc={meta['val_acc']:.4f} {meta['wall_seconds']:.0f}s"
-        )
+        bar.set_postfix_str(f"{meta['name']} val_acc={meta['val_acc']:.4f}")
         bar.update()
 
     try:
@@ -397,15 +396,18 @@ def _run_parallel(
     return sorted(failures)
 
 
-def summary(sweep_file: str | os.PathLike) -> list[dict[str, Any]]:
-    """One row per finished run of a sweep: name, hyper-parameters, val_acc, wall seconds."""
+def summary(sweep_file: str | os.PathLike, timings: bool = False) -> list[dict[str, Any]]:
+    """One row per finished run of a sweep: name, hyper-parameters, val_acc; with `timings`, also
+    its wall seconds (from the run's timings file; None where it is absent, e.g. committed results).
+    The chapters leave timings out: what an executed chapter shows must not depend on the clock."""
     sweep = load_sweep(sweep_file)
     rows = []
     for k in range(1, len(sweep.runs) + 1):
-        side = read_sidecar(sweep.checkpoint(k)) if is_done(sweep.checkpoint(k)) else {}
+        done = is_done(sweep.checkpoint(k))
+        side = read_sidecar(sweep.checkpoint(k), timings=timings) if done else {}
         name, config = sweep.run(k)
-        rows.append(
-            {"name": name, **config.to_json(), "val_acc": side.get("val_acc"),
-             "wall_seconds": side.get("wall_seconds")}
-        )  # fmt: skip
+        row = {"name": name, **config.to_json(), "val_acc": side.get("val_acc")}
+        if timings:
+            row["wall_seconds"] = side.get("wall_seconds")
+        rows.append(row)
     return rows

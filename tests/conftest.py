@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import mmsoup  # noqa: F401  first: its instruction-set pins must be in os.environ before numpy loads
+
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:

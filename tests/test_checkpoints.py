@@ -62,8 +62,27 @@ def test_safetensors_round_trip_with_provenance_sidecar(tmp_path, released):
     side = read_sidecar(path)
     assert (tmp_path / "soup.json").is_file()
     assert side["recipe"] == "uniform" and side["n"] == 3
-    assert side["versions"]["torch"] == torch.__version__ and "created" in side
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["soup.json", "soup.safetensors"]
+    assert side["versions"]["torch"] == torch.__version__ and side["numerics"]["isa"] == "avx2"
+    # the wall clock and the machine are not in the sidecar (a re-run writes the same bytes) ...
+    assert not {"created", "host", "machine"} & set(side)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "soup.json",
+        "soup.safetensors",
+        "timings",
+    ]
+    # ... but beside it, and read_sidecar(timings=True) puts them back
+    timed = read_sidecar(path, timings=True)
+    assert timed["machine"]["cores"] >= 1 and "created" in timed and timed["recipe"] == "uniform"
+    assert (tmp_path / "timings" / "soup.json").is_file()
+
+
+def test_split_timings_takes_wall_clock_values_at_any_depth():
+    from mmsoup.checkpoints import split_timings
+
+    meta = {"val_acc": 0.9, "seconds": 3.2, "info": {"recipe": "x", "wall_time_s": 1.5}, "n": [1]}
+    kept, timings = split_timings(meta)
+    assert kept == {"val_acc": 0.9, "info": {"recipe": "x"}, "n": [1]}
+    assert timings == {"seconds": 3.2, "info": {"wall_time_s": 1.5}}
 
 
 def test_safetensors_round_trip_keeps_the_key_order(tmp_path, released):

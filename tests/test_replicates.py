@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mmsoup import pipeline, replicates
+from mmsoup import isa, pipeline, replicates
 from mmsoup.cli import main
 from mmsoup.determinism import machine_info, pinned
 from mmsoup.errors import MMSoupError
@@ -126,10 +126,14 @@ def test_the_replicate_command_refuses_bad_input_before_work(tmp_path, capsys):
         replicates.collect(tmp_path, "smoke")
 
 
-def test_every_sidecar_names_the_machine_that_made_it(study):
-    side = (study[0] / "r0" / "soups" / "mms_c8.json").read_text()
+def test_every_sidecar_names_the_numerics_and_its_timings_the_machine(study):
+    import json
+
+    side = json.loads((study[0] / "r0" / "soups" / "mms_c8.json").read_text())
+    assert side["numerics"] == isa.numerics()  # what decides the bits, and nothing else
+    timings = (study[0] / "r0" / "soups" / "timings" / "mms_c8.json").read_text()
     info = machine_info()
-    assert info["cpu"] in side and info["blas"][0] in side
+    assert info["cpu"] in timings and info["blas"][0] in timings
 
 
 def test_pinned_sets_the_threads_and_restores_them():

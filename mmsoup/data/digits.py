@@ -289,7 +289,7 @@ def expected_sha256() -> dict[str, str]:
     from mmsoup.data.manifest import read_manifest
 
     table = read_manifest()
-    rows = table[table["profile"] == "embedded"]
+    rows = table[(table["profile"] == "embedded") & (table["role"] != "pretrained")]
     return {
         r["name"]: str(r["sha256"])
         for _, r in rows.iterrows()
