@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint reproduce figures replicates ablation clean bench bench-gpu
+.PHONY: setup test lint reproduce publish figures replicates ablation clean bench bench-gpu
 
 setup: $(VENV)/.installed
 
@@ -22,11 +22,15 @@ lint: setup
 test: lint
 	$(BIN)/pytest
 
-# The study, its executed chapters (notebooks/executed), its results without checkpoints
-# (results/embedded) and every figure drawn from them.
+# The study, its executed chapters, its results without checkpoints and every figure drawn from
+# them, written into runs/embedded/publish (never over the committed files), compared with the
+# committed notebooks/executed, results/embedded and figures: the last line says whether they match.
 reproduce: setup
-	$(BIN)/python -m mmsoup reproduce --profile embedded --executed notebooks/executed --results results/embedded
-	$(BIN)/python -m mmsoup figures --results results/embedded
+	$(BIN)/python -m mmsoup reproduce --profile embedded --compare
+
+# Maintainers: make the last `make reproduce` the committed reference.
+publish: setup
+	$(BIN)/python -m mmsoup publish --profile embedded
 
 # Every figure and table from the committed results, without re-running the study (seconds).
 figures: setup

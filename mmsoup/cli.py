@@ -509,28 +509,64 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         default=None,
         help="also copy the run's results without checkpoints here (e.g. results/embedded)",
     ),
+    arg(
+        "--compare",
+        action="store_true",
+        help="write the executed chapters, results and figures into <run-dir>/publish (not over "
+        "the committed files) and end with one line: identical to the committed run, or how it "
+        "differs (make reproduce)",
+    ),
 )
 def cmd_reproduce(args: argparse.Namespace) -> None:
     """The headless study: fine-tune, soups, evaluation, Figure 2, Table 1 (README)."""
     from mmsoup.profiles import get_profile
     from mmsoup.replicates import compare
-    from mmsoup.reproduce import reproduce
-
-    check_cache(args)  # the notebooks pretrain and build the digits there
-    times = reproduce(
-        args.profile,
-        out=args.out,
-        run_dir=args.run_dir,
-        executed=args.executed,
-        results=args.results,
+    from mmsoup.reproduce import (
+        EXECUTED,
+        FIGURES,
+        RESULTS,
+        compare_with_committed,
+        prepare_staging,
+        rebuild_figures,
+        reproduce,
     )
+
+    check_cache(args)  # the notebooks build the digits there
+    run_dir = args.run_dir or Path("runs") / args.profile
+    out, executed, results = args.out, args.executed, args.results
+    if args.compare:
+        if executed is not None or results is not None:
+            raise MMSoupError(
+                "--compare writes into <run-dir>/publish; leave out --executed and --results."
+            )
+        staging = prepare_staging(check_writable(run_dir, "--run-dir"))
+        out, executed, results = staging / FIGURES, staging / EXECUTED, staging / RESULTS
+    times = reproduce(args.profile, out=out, run_dir=run_dir, executed=executed, results=results)
     total = sum(times.values())
     for name, seconds in times.items():
         _log(f"{name:<22} {seconds:7.0f} s  ({seconds / total:5.1%})")
-    _log(f"{'total':<22} {total:7.0f} s; figures and tables in {args.out}")
+    _log(f"{'total':<22} {total:7.0f} s; figures and tables in {out}")
     if get_profile(args.profile).search == "random":  # a study with sweeps to replicate
-        run_dir = args.run_dir or Path("runs") / args.profile
-        print(compare(run_dir, args.profile, Path(args.out) / "replicates.csv"))
+        print(compare(run_dir, args.profile, Path(out) / "replicates.csv"))
+    if args.compare:
+        rebuild_figures(results, out, args.profile)  # what `make figures` draws from these results
+        print(compare_with_committed(staging).line(staging), flush=True)
+
+
+@command(
+    "publish",
+    "make a staged run (make reproduce) the committed reference: notebooks/executed, "
+    "results/embedded and figures (make publish)",
+    PROFILE,
+    RUN_DIR,
+)
+def cmd_publish(args: argparse.Namespace) -> None:
+    """Copy <run-dir>/publish over the repository's committed files."""
+    from mmsoup.reproduce import publish_run, staging_dir
+
+    run_dir = args.run_dir or Path("runs") / args.profile
+    written = publish_run(run_dir)
+    print(f"published {len(written)} files from {staging_dir(run_dir)}")
 
 
 @command(
@@ -648,6 +684,16 @@ def cmd_ablation(args: argparse.Namespace) -> None:
             done = run_notebook("09_when_mms_helps", params, Path(tmp), stream=False)
             here = {results: "../results/ablation", notebooks_dir(): ".", Path(tmp): "."}
             _log(f"chapter 09 executed: {publish(done, executed / done.name, here)}")
+            paper = args.root.resolve() / "paper" / "r0"  # the λ explorer opens its MMS step
+            if (paper / "ablation.json").is_file():
+                params = {"profile": args.base, "ablation_run": str(paper), "interactive": False}
+                done = run_notebook("06_lambda_explorer", params, Path(tmp), stream=False)
+                here = {
+                    args.root.resolve(): "../runs/ablation",
+                    notebooks_dir(): ".",
+                    Path(tmp): ".",
+                }
+                _log(f"chapter 06 executed: {publish(done, executed / done.name, here)}")
 
 
 @command(

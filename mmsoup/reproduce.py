@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,10 @@ PIPELINE = (
     "05_table1",
 )
 INTERACTIVE = ("06_lambda_explorer",)
-# chapters that read the study's results (06: the explorer's readouts, 07: why soups work,
-# 08: the replicate study from figures/replicates.csv); run after it when executed copies are kept
-READING = ("06_lambda_explorer", "07_why_soups_work", "08_replicates")
+# chapters that read the study's results (07: why soups work, 08: the replicate study from
+# figures/replicates.csv); run after it when executed copies are kept. Chapter 06's executed copy
+# opens the paper-conditions run of the ablation, so `make ablation --executed` writes it.
+READING = ("07_why_soups_work", "08_replicates")
 KERNEL = "python3"  # the venv's own ipykernel (jupyter_client maps "python" to sys.executable)
 
 
@@ -92,6 +96,9 @@ def run_notebook(
             stdout_file=sys.stdout if stream else None,
             stderr_file=sys.stderr if stream else None,
             cwd=str(src.parent),
+            # the kernel's own log: errors only (not "Kernel is running over TCP without
+            # encryption" once per notebook; the kernel listens on localhost only)
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except KeyboardInterrupt:  # the kernel and what it started are stopped, none left behind
         if not stopped:
@@ -216,7 +223,7 @@ def publish(notebook: Path, dest: Path, paths: Mapping[Path, str]) -> Path:
     e.g. the run folder by `../runs/embedded`, written atomically."""
     from mmsoup.io import write_text
 
-    write_text(dest, _relative(notebook.read_text(), paths))
+    write_text(dest, clean_notebook(_relative(notebook.read_text(), paths)))
     return dest
 
 
@@ -231,8 +238,7 @@ RESULT_FILES = (
     "sweep/logs/*.log",
     "analysis/*.csv",
     "analysis/meta.json",
-    "timings.json",
-)
+)  # no timings: they differ run to run (each stage's in <run-dir>/timings.json, each file's in timings/)
 
 
 def publish_results(
@@ -306,4 +312,212 @@ def rebuild_figures(
     ablation_results = results.parent / "ablation"  # results/ablation beside results/embedded
     if any(ablation_results.glob(f"*/r*/{ablation.DONE}")):
         written += ablation.write_summary(ablation_results, out)
+    return written
+
+
+# -- a reader's run against the committed one ------------------------------------------------------
+# `make reproduce` writes its executed chapters, results and figures into a staging tree inside the
+# run folder that mirrors the repository (runs/embedded/publish/notebooks/executed/..., .../results/
+# embedded/..., .../figures/...), never over the committed files; it then compares the two trees and
+# says in one line whether they match. `make publish` copies the staging tree over the repository.
+STAGING = "publish"
+EXECUTED, RESULTS, FIGURES = "notebooks/executed", "results/embedded", "figures"
+# committed inputs the chapters read from the figures folder (04, 05, 08): copied into the staging
+# tree before the run, and not part of the comparison (the run does not make them)
+SEEDED = ("figures/replicates.csv", "figures/ablation.csv")
+
+
+def repository() -> Path:
+    """The repository root: the folder that holds `notebooks/`."""
+    return notebooks_dir().parent
+
+
+def staging_dir(run_dir: str | os.PathLike) -> Path:
+    """The staging tree of a run folder (`<run-dir>/publish`)."""
+    return Path(run_dir) / STAGING
+
+
+def prepare_staging(run_dir: str | os.PathLike, repo: Path | None = None) -> Path:
+    """An empty staging tree, with the committed inputs the chapters read (SEEDED) copied in."""
+    import shutil
+
+    repo, root = repo or repository(), staging_dir(run_dir)
+    shutil.rmtree(root, ignore_errors=True)
+    for sub in (EXECUTED, RESULTS, FIGURES):
+        (root / sub).parent.mkdir(parents=True, exist_ok=True)
+    (root / FIGURES).mkdir(parents=True, exist_ok=True)
+    for rel in SEEDED:
+        if (repo / rel).is_file():
+            shutil.copyfile(repo / rel, root / rel)
+    return root
+
+
+_STYLER_ID = re.compile(r"T_[0-9a-f]{5}(?=[_\"'\s{])")
+_ADDRESS = re.compile(r"0x[0-9a-f]{8,16}")
+_CELL_CLOCK = ("start_time", "end_time", "duration", "exception")
+
+
+def clean_notebook(text: str) -> str:
+    """An executed notebook without what changes from one run of the same code to the next.
+
+    Removed: papermill's times (per cell and for the notebook), the kernel's execution
+    timestamps, Python's patch version; replaced: the random id of papermill's parameters cell,
+    pandas Styler's random table ids (by ids numbered per cell) and object addresses
+    (`0x7f...` -> `0x…`). Cleaning twice changes nothing.
+    """
+    nb = json.loads(text)
+    meta = nb.get("metadata", {})
+    for key in _CELL_CLOCK:
+        meta.get("papermill", {}).pop(key, None)
+    info = meta.get("language_info", {})
+    if "version" in info:
+        info["version"] = ".".join(str(info["version"]).split(".")[:2])
+    for i, cell in enumerate(nb.get("cells", [])):
+        cmeta = cell.get("metadata", {})
+        cmeta.pop("execution", None)
+        if "injected-parameters" in cmeta.get("tags", []):  # papermill gives it a random id
+            cell["id"] = "injected-parameters"
+        for key in _CELL_CLOCK:
+            cmeta.get("papermill", {}).pop(key, None)
+        ids: dict[str, str] = {}
+
+        def stable(match: re.Match, i: int = i, ids: dict[str, str] = ids) -> str:
+            return ids.setdefault(match.group(0), f"T_c{i}t{len(ids)}")
+
+        for out in cell.get("outputs", []):
+            for key, value in list(out.get("data", {}).items()):
+                if key.startswith("text/"):
+                    joined = "".join(value) if isinstance(value, list) else value
+                    joined = _ADDRESS.sub("0x…", _STYLER_ID.sub(stable, joined))
+                    out["data"][key] = joined.splitlines(keepends=True)
+            if "text" in out:
+                joined = "".join(out["text"]) if isinstance(out["text"], list) else out["text"]
+                out["text"] = _ADDRESS.sub("0x…", joined).splitlines(keepends=True)
+    return json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+@dataclass
+class Comparison:
+    """A staged run against the committed files: which differ, and the first difference."""
+
+    files: list[str]  # repository paths the run wrote (SEEDED left out)
+    differing: list[str]
+    first: str = ""  # the first differing file's first difference, in words
+    cause: str = ""  # the likely cause, in words
+
+    def line(self, staging: str | os.PathLike) -> str:
+        """The one line `make reproduce` ends with."""
+        n = len(self.files)
+        if not self.differing:
+            return f"reproduce: identical to the committed run ({n} of {n} files)"
+        return (
+            f"reproduce: differs from the committed run in {len(self.differing)} of {n} files "
+            f"(first: {self.first}); likely cause: {self.cause}; this run's copies are in "
+            f"{staging}, and `make publish` makes them the committed reference"
+        )
+
+
+def _token(line: str, other: str) -> str:
+    """The first differing word of `line` against `other` (a number where there is one)."""
+    for a, b in zip(re.split(r"[\s,\"':]+", line), re.split(r"[\s,\"':]+", other)):
+        if a != b:
+            return a[:40]
+    return line.strip()[:40]
+
+
+def first_difference(rel: str, committed: bytes | None, staged: bytes) -> str:
+    """Where two versions of a file first differ, e.g. `results/embedded/soups/summary.csv
+    line 3: 96.40 -> 96.30`."""
+    if committed is None:
+        return f"{rel} is new"
+    try:
+        old, new = committed.decode().splitlines(), staged.decode().splitlines()
+    except UnicodeDecodeError:
+        return f"{rel} (binary)"
+    if Path(rel).suffix == ".npz":
+        return f"{rel} (binary)"
+    for n, (a, b) in enumerate(zip(old, new), 1):
+        if a != b:
+            return f"{rel} line {n}: {_token(a, b)} -> {_token(b, a)}"
+    return f"{rel}: {len(old)} lines -> {len(new)} lines"
+
+
+def _record(root: Path) -> dict[str, Any]:
+    """The numerics and versions records of a tree's first sweep sidecar (what decides the bits)."""
+    for side in sorted((root / RESULTS / "sweep").glob("model_*.json")):
+        meta = json.loads(side.read_text())
+        return {"numerics": meta.get("numerics", {}), "versions": meta.get("versions", {})}
+    return {}
+
+
+def likely_cause(staged: Path, repo: Path) -> str:
+    """Why a run's bytes differ from the committed ones, from the two trees' sidecar records."""
+    mine, theirs = _record(staged), _record(repo)
+    changes = []
+    for part, label in (
+        ("numerics", "another instruction-set setting"),
+        ("versions", "another library version"),
+    ):
+        a, b = theirs.get(part, {}), mine.get(part, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                changes.append(f"{label}: {key} {a.get(key)} -> {b.get(key)}")
+    if changes:
+        return "; ".join(changes[:3])
+    return "same instruction-set settings and library versions; another CPU without AVX2 or a code change"
+
+
+def compare_with_committed(
+    staging: str | os.PathLike, repo: str | os.PathLike | None = None
+) -> Comparison:
+    """Compare every file of the staging tree (SEEDED left out) with the committed file."""
+    staging, repo = Path(staging), Path(repo) if repo is not None else repository()
+    files = sorted(
+        p.relative_to(staging).as_posix()
+        for p in staging.rglob("*")
+        if p.is_file() and p.relative_to(staging).as_posix() not in SEEDED
+    )
+    differing, first = [], ""
+    for rel in files:
+        staged, committed = (staging / rel).read_bytes(), repo / rel
+        old = committed.read_bytes() if committed.is_file() else None
+        if old != staged:
+            differing.append(rel)
+            first = first or first_difference(rel, old, staged)
+    cause = likely_cause(staging, repo) if differing else ""
+    return Comparison(files, differing, first, cause)
+
+
+def publish_run(run_dir: str | os.PathLike, repo: str | os.PathLike | None = None) -> list[Path]:
+    """Make a staged run the committed reference (`make publish`): its results folder replaces
+    `results/embedded` whole (built beside it and swapped in), every other file is written
+    atomically over the committed one."""
+    import shutil
+
+    from mmsoup.io import atomic_path
+
+    root, repo = staging_dir(run_dir), Path(repo) if repo is not None else repository()
+    if not (root / RESULTS / "results" / "accuracy.csv").is_file():
+        raise MMSoupError(f"There is no staged run in {root}; run `make reproduce` first.")
+    written = []
+    for src in sorted(root.rglob("*")):
+        rel = src.relative_to(root).as_posix()
+        if not src.is_file() or rel in SEEDED or rel.startswith(RESULTS + "/"):
+            continue
+        dest = repo / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+        written.append(dest)
+    dest = repo / RESULTS
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    new, old = dest.with_name(f".{dest.name}.new"), dest.with_name(f".{dest.name}.old")
+    for d in (new, old):
+        shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(root / RESULTS, new)
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    written += [p for p in dest.rglob("*") if p.is_file()]
     return written
