@@ -274,6 +274,16 @@ def write_sidecar(path: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
     return write_json(Path(path), kept)
 
 
+def remove_sidecar(path: str | os.PathLike) -> None:
+    """Delete a sidecar and its timings (and the timings folder once it is empty)."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    timings = timings_path(path)
+    timings.unlink(missing_ok=True)
+    if timings.parent.is_dir() and not any(timings.parent.iterdir()):
+        timings.parent.rmdir()
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that decide a result (recorded next to every output)."""
     from importlib.metadata import version

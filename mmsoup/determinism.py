@@ -35,6 +35,16 @@ from mmsoup import isa
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def pin_process() -> None:
+    """In pinned mode, switch oneDNN off for the rest of this process (a rank, a worker).
+
+    `pinned` does the same for a block; a distributed rank evaluates outside any block, so it
+    calls this once, and then computes the bits a single pinned process computes.
+    """
+    if isa.pinned_mode():  # oneDNN blocks its kernels by the CPU's caches (mmsoup.isa)
+        torch.backends.mkldnn.enabled = False
+
+
 @contextlib.contextmanager
 def pinned(threads: int | None) -> Iterator[None]:
     """Run the block with `threads` torch threads, one BLAS thread and deterministic algorithms.

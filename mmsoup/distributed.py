@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mmsoup.determinism import pin_process
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import Evaluator, StateDict
 
@@ -42,7 +43,9 @@ def init(
 
     Ranks started by hand (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT) wait at most
     `rendezvous_s` for each other, then fail in one sentence naming the ranks that never came;
-    `timeout_s` bounds each collective once all are there."""
+    `timeout_s` bounds each collective once all are there. In pinned mode (mmsoup.isa) oneDNN is
+    switched off for the process, as in a single pinned process."""
+    pin_process()
     if not dist.is_initialized():
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:

@@ -151,7 +151,7 @@ def soup_stage(
         write_sidecar(file.with_suffix(".json"), meta)
         rows.append(_summary_row(r.name, file))
     _record_time(run_dir, "soups", time.perf_counter() - start)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).astype({"n_evals": "Int64"})  # counts as integers, blank if none
     with atomic_path(out / "summary.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.2f")
     return table

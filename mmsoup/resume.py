@@ -33,6 +33,7 @@ from mmsoup.checkpoints import (
     iter_ingredients,
     library_versions,
     load_state_dict,
+    remove_sidecar,
     save_state_dict,
     sidecar_path,
 )
@@ -160,7 +161,7 @@ def save(
     for old in _psi_files(state_file):  # Ψ files of earlier acceptances or of a killed attempt
         if old != psi_file:
             old.unlink(missing_ok=True)
-            sidecar_path(old).unlink(missing_ok=True)
+            remove_sidecar(sidecar_path(old))
     return state_file
 
 
@@ -198,5 +199,5 @@ def remove(state_file: str | os.PathLike) -> None:
     state_file = Path(state_file)
     for psi_file in _psi_files(state_file):
         psi_file.unlink(missing_ok=True)
-        sidecar_path(psi_file).unlink(missing_ok=True)
+        remove_sidecar(sidecar_path(psi_file))
     state_file.unlink(missing_ok=True)

@@ -37,7 +37,10 @@ def join_group(rank: int, port: int, world: int = 2) -> None:
     import torch
     import torch.distributed as dist
 
+    from mmsoup.determinism import pin_process
+
     torch.set_num_threads(1)
+    pin_process()  # oneDNN off in pinned mode, as in the single process it is compared with
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",

@@ -1399,7 +1399,7 @@ def test_pretraining_started_by_a_command_prints_progress(argv, tmp_path, capsys
     """On an empty cache `finetune`, `sweep` and `pretrain` pretrain first: a line per 100 steps."""
     from mmsoup import pretrain
 
-    def prepare(profile, cache_dir=None, threads=None, on_step=None):
+    def prepare(profile, cache_dir=None, threads=None, on_step=None, force=False):
         for step in range(250):  # what pretrain() reports, then stop before any real work
             on_step(step, 250, 1.0)
         raise MMSoupError("stopped after pretraining (test).")

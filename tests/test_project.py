@@ -108,14 +108,8 @@ def test_no_import_cycles():
 EXECUTED = sorted((ROOT / "notebooks" / "executed").glob("*.ipynb"))
 LONG_FLOAT = re.compile(r"(?<![\w.])-?\d+\.\d{5,}(?!\d)")  # 83.518931, np.float64(0.00188...)
 PAGE_INCHES = 10.5  # ~10 inches: a figure wider than this does not fit a page at its saved dpi
-# Executed before the chapters gained their closing lists and not yet re-executed (they need the embedded run's checkpoints):
-# `make reproduce` regenerates them; then this set must shrink (strict xfail).
-STALE_EXECUTED: set[str] = set()  # every executed chapter is re-executed by the current code
-_FORMERLY_STALE = {
-    "02_soups.ipynb",
-    "03_ood_evaluation.ipynb",
-    "07_why_soups_work.ipynb",
-}
+# Executed copies not yet re-executed by the current code would be listed here (strict xfail).
+STALE_EXECUTED: set[str] = set()
 NO_FINDINGS: set[str] = set()  # every chapter closes on what its run shows
 
 
