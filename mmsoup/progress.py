@@ -4,7 +4,7 @@ headless notebook.
 Under headless papermill (`MMSOUP_PLAIN_PROGRESS` set by `mmsoup.reproduce`) the live bar is
 written to the kernel's original stderr, the terminal that launched the run, which ipykernel keeps
 as `sys.stderr.fileno()`; what the executed notebook records is one line per finished bar
-(e.g. `sweep: 100%|██████████| 12/12, model_11 val_acc=0.9480`), never one line per refresh, and
+(e.g. `sweep: 100%|██████████| 12/12, best model_3 val_acc=0.9480`), never one line per refresh, and
 without its elapsed time or rate: an executed notebook must not depend on the clock (the committed
 copies are compared byte for byte with a reader's run).
 """

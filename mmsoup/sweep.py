@@ -348,6 +348,10 @@ def run_sweep(
                     f"{len(failures)} run(s) of {sweep.path} failed (e.g. run {failures[0]}, log {log}); "
                     "fix the cause and run the sweep again to resume."
                 )
+        if results:  # the bar ends on this sweep's best run, not on whichever finished last
+            order = [sweep.run(k)[0] for k in ks]
+            best = max(results, key=lambda m: (m["val_acc"], -order.index(m["name"])))
+            bar.set_postfix_str(f"best {best['name']} val_acc={best['val_acc']:.4f}")
     finally:
         bar.close()
     ran = [sweep.run(k)[0] for k in todo]

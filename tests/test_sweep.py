@@ -139,3 +139,24 @@ def test_a_sweep_file_is_never_silently_replaced(sweep_file):
         write_sweep(other, sweep.out, sweep.init)
     with pytest.raises(MMSoupError, match="runs 1..3"):
         sweep.run(4)
+
+
+def test_the_sweep_bar_ends_on_its_best_run_whatever_finished_last(sweep_file, monkeypatch, capsys):
+    """Parallel runs finish in any order: the line an executed notebook keeps must not follow it."""
+    import mmsoup.sweep as sw
+
+    metas = [{"name": f"model_{k}", "val_acc": acc} for k, acc in ((1, 0.5), (2, 0.7), (3, 0.7))]
+    monkeypatch.setenv("MMSOUP_PLAIN_PROGRESS", "1")  # headless: the bar's one final line
+    lines = []
+    for order in (metas, metas[::-1]):
+
+        def finish_in_order(sweep, todo, jobs, threads, finished, order=order):
+            for meta in order:
+                finished(meta)
+            return []
+
+        monkeypatch.setattr(sw, "_run_parallel", finish_in_order)
+        run_sweep(sweep_file, jobs=2, threads=1)
+        lines.append(capsys.readouterr().err.strip().splitlines()[-1])
+    # a tie (0.7) goes to the earlier run of the sweep
+    assert lines == ["sweep: 100%|██████████| 3/3, best model_2 val_acc=0.7000"] * 2
