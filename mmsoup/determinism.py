@@ -35,14 +35,17 @@ from mmsoup import isa
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-def pin_process() -> None:
-    """In pinned mode, switch oneDNN off for the rest of this process (a rank, a worker).
+def pin_process() -> bool:
+    """In pinned mode, switch oneDNN off for the rest of this process (a rank, a worker); True
+    if it did.
 
-    `pinned` does the same for a block; a distributed rank evaluates outside any block, so it
-    calls this once, and then computes the bits a single pinned process computes.
+    `pinned` calls it for a block (and restores oneDNN after); a distributed rank evaluates
+    outside any block, so it calls this once, and then computes the bits a single pinned process
+    computes.
     """
     if isa.pinned_mode():  # oneDNN blocks its kernels by the CPU's caches (mmsoup.isa)
         torch.backends.mkldnn.enabled = False
+    return isa.pinned_mode()
 
 
 @contextlib.contextmanager
@@ -63,8 +66,7 @@ def pinned(threads: int | None) -> Iterator[None]:
     if threads is not None:
         torch.set_num_threads(max(1, threads))
     torch.use_deterministic_algorithms(True, warn_only=True)
-    if isa.pinned_mode():  # oneDNN blocks its kernels by the CPU's caches (mmsoup.isa)
-        torch.backends.mkldnn.enabled = False
+    if pin_process():
         _warn_once(isa.check())
     try:
         with threadpool_limits(limits=1, user_api="blas"):

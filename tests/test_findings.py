@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from mmsoup import analysis, claims, findings
+from mmsoup.recipes import MMS_SCHEMES, recipe
 from mmsoup.results import load_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +39,6 @@ def _best(run_dir: Path) -> str:
     """The best model on held-out (the baseline of chapters 03 and 04)."""
     accs = json.loads((run_dir / "soups" / "ingredient_val_accs.json").read_text())
     return f"model_{int(np.argmax(accs))}"
-
-
-def _mms_name(path: Path) -> str:
-    """mms_c8+live.json -> 'MMS-C8+live'."""
-    scheme, _, live = path.stem.removeprefix("mms_").partition("+")
-    return f"MMS-{scheme.upper()}" + (f"+{live}" if live else "")
 
 
 def _wide(run_dir: Path, id_set: str, shifts) -> pd.DataFrame:
@@ -117,16 +112,11 @@ def test_figure2_and_table1_sentences_follow_the_checklist():
     wide = _wide(COMMITTED, "test", SHIFTS)
     dy = wide.loc["Greedy soup", "Avg OOD"] - wide.loc[_best(COMMITTED), "Avg OOD"]
     assert f"above ({dy:+.2f} points Avg OOD)" in text
-    shared = (
-        wide.loc["MMS-C8", ["test", "Avg OOD"]] == wide.loc["Greedy soup", ["test", "Avg OOD"]]
-    ).all()
-    assert ("MMS-C8 and MMS-C8+live share its point exactly" in text) == bool(
-        shared
-        and (
-            wide.loc["MMS-C8+live", ["test", "Avg OOD"]]
-            == wide.loc["Greedy soup", ["test", "Avg OOD"]]
-        ).all()
+    point = wide[["test", "Avg OOD"]]
+    shared = all(
+        (point.loc[m] == point.loc["Greedy soup"]).all() for m in ("MMS-C8", "MMS-C8+live")
     )
+    assert ("MMS-C8 and MMS-C8+live share its point exactly" in text) == shared
     every = claims.for_run("embedded", COMMITTED, ROOT / "figures")
     text = findings.markdown(findings.table1(every))
     for verdict, words in (("holds", "hold"), ("unclear", "are unclear")):
@@ -145,15 +135,17 @@ def test_differences_reads_budget_pool_resolution_and_tau_from_the_run():
     assert f"chosen on {n:,} held-out images, so one image is {100 / n:.2g} points" in text
     pool = len(json.loads((COMMITTED / "soups" / "ingredient_val_accs.json").read_text()))
     assert f"{pool} models" in text and f"the paper's {get_profile('paper').n_runs + 1}" in text
-    files = sorted((COMMITTED / "soups").glob("mms_*.json"))
-    recs = [json.loads(p.read_text()) | {"method": _mms_name(p)} for p in files]
-    skipped = {sum(d["decision"] == "skipped" for d in r["info"]["decisions"]) for r in recs}
-    if len(skipped) == 1:
-        assert f"{skipped.pop()} of the {pool - 1} candidates" in text
+    skipped = {  # every MMS recipe's record, as the soup stage wrote it
+        name: sum(
+            d["decision"] == "skipped"
+            for d in findings._record(COMMITTED, recipe(name).file)["info"]["decisions"]
+        )
+        for name in MMS_SCHEMES
+    }
+    if len(set(skipped.values())) == 1:
+        assert f"{skipped['MMS-C8']} of the {pool - 1} candidates" in text
     else:
-        for r in recs:
-            k = sum(d["decision"] == "skipped" for d in r["info"]["decisions"])
-            assert f"{r['method']} {k} of {pool - 1}" in text
+        assert all(f"{name} {k} of {pool - 1}" in text for name, k in skipped.items())
 
 
 def test_why_soups_follows_the_committed_tables():
