@@ -39,9 +39,10 @@ import pandas as pd
 
 from mmsoup.errors import MMSoupError
 from mmsoup.io import atomic_path, write_json, write_text
+from mmsoup.recipes import ABLATION
 
 DONE = "ablation.json"
-METHODS = ("Uniform soup", "Greedy soup", "MMS-C8")
+METHODS = ABLATION  # the recipes of every condition (mmsoup.recipes)
 BEST = "Best individual"
 BASE = "embedded"
 # Nothing of the embedded profile's process settings changes: the backbone and LP init are the
@@ -368,7 +369,7 @@ def landscape(
 ) -> pd.DataFrame:
     """Held-out accuracy along single λ_j of one accepted MMS step, the others at λ* (MMS Alg. 1).
 
-    `step` None: the step whose λ* differs most between components (`soups.most_uneven_step`).
+    `step` None: the step whose λ* differs most between components (`widgets.most_uneven_step`).
     For the `n_components` live components (those that can change a prediction) whose λ* moved
     furthest from λ0 (the first live ones if none moved), λ_j runs over `points` values in [0, 1]: what the optimizer could have found. Rows:
     component, lam, acc (fraction), hits (images), lam_star, lam0. Needs the run's checkpoints.

@@ -374,7 +374,7 @@ DATA_ACTIONS = ("build", "verify", "fetch")
 )
 def cmd_data(args: argparse.Namespace) -> int | None:
     """`data build` (digits), `data verify --profile P`, `data fetch NAME...` (data_manifest.csv)."""
-    from mmsoup.profiles import get_profile
+    from mmsoup.profiles import dataset_of, get_profile
 
     get_profile(args.profile)
     if args.action == "build":
@@ -386,7 +386,7 @@ def cmd_data(args: argparse.Namespace) -> int | None:
             print(f"{name:>16}  {len(images):>5} images  sha256 ok  {path}")
         return 0
     if args.action == "verify":
-        if get_profile(args.profile).dataset != "imagenet":  # digits live in the cache, by digest
+        if dataset_of(args.profile).in_cache:  # built sets (the digits): in the cache, by digest
             args.data_root = args.data_root or str(cache_root())
         return cmd_data_verify(args)
     from mmsoup.data.manifest import data_root
@@ -595,10 +595,10 @@ def cmd_figures(args: argparse.Namespace) -> None:
 @command(
     "distributed",
     "a soup with the held-out set sharded over ranks (run under torchrun; see README)",
-    arg("rest", nargs=argparse.REMAINDER, help="arguments of mmsoup.distributed (--help there)"),
+    arg("rest", nargs=argparse.REMAINDER, help="arguments of `mmsoup distributed` (--help there)"),
 )
 def cmd_distributed(args: argparse.Namespace) -> int | None:
-    """Forward to `python -m mmsoup.distributed` (torch.distributed)."""
+    """`mmsoup distributed` (mmsoup.distributed_cli; torch.distributed, under torchrun or not)."""
     from mmsoup.distributed_cli import main as distributed_main
 
     return distributed_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)

@@ -12,15 +12,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from mmsoup.datasets import dataset
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import Evaluator, keep_freed_memory
-from mmsoup.profiles import get_profile
+from mmsoup.profiles import dataset_of, get_profile
 
-ID_SET = {"digits": "test", "imagenet": "ImageNet"}
 EvalSet = tuple[
     Tensor, Tensor, Callable | None, Tensor | None
 ]  # images, labels, preprocess, projection
@@ -28,38 +27,18 @@ EvalSet = tuple[
 
 def shifts(profile: str) -> tuple[str, ...]:
     """Names of the five shifted test sets of a profile's benchmark (Soups §3)."""
-    if get_profile(profile).dataset == "digits":
-        from mmsoup.data import digits
-
-        return tuple(digits.SHIFTS)
-    from mmsoup.data import imagenet
-
-    return tuple(imagenet.SHIFTS)
+    return dataset_of(profile).shifts
 
 
 def id_set(profile: str) -> str:
     """Name of the in-distribution test set of a profile."""
-    return ID_SET[get_profile(profile).dataset]
+    return dataset_of(profile).id_set
 
 
 def load_set(profile: str, name: str) -> EvalSet:
     """(images, labels, preprocess, projection) of one of a profile's sets: `heldout`, ID test or a shift."""
     prof = get_profile(profile)
-    if prof.dataset == "digits":
-        from mmsoup.data import digits
-
-        images, labels = digits.load_split(name, prof.heldout_images)
-        return digits.to_tensor(images), torch.as_tensor(labels), None, None
-    from mmsoup.data.cache import build_cache, normalizer
-    from mmsoup.data.imagenet import load_dataset
-
-    if name == "heldout":  # Soups' ImageNet2p: held out of the fine-tuning data
-        dataset = load_dataset("ImageNet2p", per_class=prof.heldout_per_class)
-    else:  # ObjectNet uncropped unless the profile asks (the published numbers are uncropped)
-        dataset = load_dataset(name, objectnet_border=prof.objectnet_border)
-    cache = build_cache(dataset)
-    images = torch.from_numpy(np.asarray(cache.images))
-    return images, torch.from_numpy(np.asarray(cache.labels)), normalizer(), cache.projection
+    return dataset(prof.dataset).load(name, prof)
 
 
 def model_paths(folder: str | os.PathLike) -> list[Path]:
@@ -137,7 +116,7 @@ class Context:
     @property
     def test_sets(self) -> list[str]:
         """ID test set first, then the shifts."""
-        return [id_set(self.profile), *shifts(self.profile)]
+        return list(dataset_of(self.profile).test_sets)
 
 
 def context(profile: str, device: str | None = None) -> Context:
@@ -145,14 +124,15 @@ def context(profile: str, device: str | None = None) -> Context:
     from mmsoup.models import create_classifier
 
     prof = get_profile(profile)
-    model = create_classifier(prof.arch, 10 if prof.dataset == "digits" else 1000)
+    data = dataset(prof.dataset)
+    model = create_classifier(prof.arch, data.num_classes)
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     batch_size = 1000 if cuda else 256  # on CPU, batches of 256 run ~1.3x faster (cache-sized)
     if not cuda:
         keep_freed_memory()  # the stages' evaluations reuse the same activation blocks
 
     def build(name: str) -> Evaluator:
-        x, y, pre, proj = load_set(profile, name)
+        x, y, pre, proj = data.load(name, prof)
         return Evaluator(
             model,
             x,
@@ -164,5 +144,5 @@ def context(profile: str, device: str | None = None) -> Context:
             amp=bool(prof.bf16),  # fp32 unless the profile opts into bf16 (`paper:bf16=1`)
         )
 
-    names = ["heldout", id_set(profile), *shifts(profile)]
+    names = ["heldout", *data.test_sets]
     return Context(profile, Evaluators(names, build))

@@ -8,9 +8,10 @@ not hold yet (Ψ and θ_i once per candidate, not per λ) and λ; the other rank
 Correct counts are all-reduced, so each accuracy is the single-process one (same batches, same
 integer count, same division) and the soup, its trace and its files are identical. Only rank 0
 writes files. Without torchrun (no WORLD_SIZE) everything runs in one process. The command
-`mmsoup distributed` (mmsoup.distributed_cli) builds one soup this way:
+`mmsoup distributed` (mmsoup.distributed_cli) builds one soup this way; torchrun starts it through
+the package's entry point, as `mmsoup finetune`, so this module is imported once per rank:
 
-    torchrun --nproc_per_node=2 -m mmsoup.distributed --ingredients runs/embedded/sweep --out mms.safetensors
+    torchrun --nproc_per_node=2 -m mmsoup distributed --ingredients runs/embedded/sweep --out mms.safetensors
 """
 
 from __future__ import annotations
@@ -364,7 +365,9 @@ def run_on_rank0(fn: Callable[[], T]) -> T | None:
         _bcast_object({"op": "stop"})
 
 
-if __name__ == "__main__":  # through the CLI: a user's mistake is one line and exit 2
+if __name__ == "__main__":  # the older spelling `-m mmsoup.distributed`, still accepted
+    # It runs this file as __main__ and imports it again as mmsoup.distributed (through
+    # mmsoup.distributed_cli): two copies of the module. `-m mmsoup distributed` imports it once.
     from mmsoup.cli import main as cli_main
 
     sys.exit(cli_main(["distributed", *sys.argv[1:]]))

@@ -4,7 +4,10 @@ Every rank loads the pool and the sets as the pipeline's stages do (`mmsoup.cont
 `DistributedEvaluator` per set (mmsoup.distributed); rank 0 builds the soup and writes it, and
 prints its summary as one JSON line.
 
-    torchrun --nproc_per_node=2 -m mmsoup.distributed --ingredients runs/embedded/sweep --out mms.safetensors
+    torchrun --nproc_per_node=2 -m mmsoup distributed --ingredients runs/embedded/sweep --out mms.safetensors
+
+(`python -m mmsoup distributed`, the package's entry point through `mmsoup.cli`, which imports
+this module and mmsoup.distributed once each.)
 """
 
 from __future__ import annotations
@@ -24,17 +27,16 @@ from mmsoup import distributed
 from mmsoup.context import EvalSet, load_set, model_paths
 from mmsoup.errors import MMSoupError, Parser  # a wrong flag: one line, exit 2
 from mmsoup.evaluate import keep_freed_memory
+from mmsoup.profiles import dataset_of
 
 
 def _tensors(profile: str, name: str, npz: Path | None) -> EvalSet:
     """(images, labels, preprocess, projection) of a profile's set, or of an .npz (images, labels)."""
     if npz is None:
         return load_set(profile, name)  # the same images, in the same order, as the stages
-    from mmsoup.data import digits
-
     with np.load(npz) as f:
         images, labels = f["images"], f["labels"]
-    x = digits.to_tensor(images) if images.ndim == 3 else torch.as_tensor(images)
+    x = dataset_of(profile).to_tensor(images) if images.ndim == 3 else torch.as_tensor(images)
     return x, torch.as_tensor(labels), None, None
 
 
@@ -51,14 +53,22 @@ def _pool(items: Sequence[str]) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Arguments of `mmsoup distributed` (and `python -m mmsoup.distributed`)."""
+    """Arguments of `mmsoup distributed` (`python -m mmsoup distributed`, under torchrun or not)."""
     ap = Parser(
         prog="mmsoup distributed",
         description="One soup with evaluation sharded over torchrun ranks.",
     )
     ap.add_argument("--ingredients", nargs="+", required=True, help="checkpoints or folders")
-    ap.add_argument("--recipe", choices=("mms", "greedy", "uniform"), default="mms")
-    ap.add_argument("--scheme", default="C26+live", help="partition scheme for MMS")
+    ap.add_argument(
+        "--recipe",
+        default="mms",
+        help="a recipe of mmsoup.recipes that builds one set of weights: its name or key "
+        "(mms, MMS-C8, uniform, greedy, wise, ...; default mms)",
+    )
+    ap.add_argument(
+        "--scheme", default="C26+live", help="partition for 'mms' (MMS-C8 fixes its own)"
+    )
+    ap.add_argument("--init", type=Path, help="the checkpoint the ingredients were fine-tuned from")
     ap.add_argument("--budget", type=int, default=250)
     ap.add_argument("--tau", type=float, default=0.998)
     ap.add_argument("--optimizer", default="NGOpt")
@@ -84,11 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse a bad flag, a missing input or an unwritable --out before any rank starts work."""
-    from mmsoup.data import digits
     from mmsoup.io import check_readable, check_writable
     from mmsoup.profiles import get_profile
+    from mmsoup.recipes import recipe
 
     get_profile(args.profile)
+    rec = recipe(args.recipe)  # an unknown name: one sentence listing the recipes
+    if "evaluator" in rec.needs:
+        raise MMSoupError(
+            f"--recipe {args.recipe!r} needs the whole held-out set in one process; run it with `mmsoup soup`."
+        )
+    if "anchor" in rec.needs and args.init is None:
+        raise MMSoupError(
+            f"--recipe {args.recipe!r} needs the weights the ingredients were fine-tuned from; pass --init PATH."
+        )
     for flag, value, low in (("--budget", args.budget, 1), ("--batch-size", args.batch_size, 1)):
         if value < low:
             raise MMSoupError(f"{flag} {value} is out of range; use an integer >= {low}.")
@@ -105,37 +124,54 @@ def check_args(args: argparse.Namespace) -> None:
     for item in args.ingredients:
         if not Path(item).is_dir():
             check_readable(item, "--ingredients")
-    if args.heldout is not None:
-        check_readable(args.heldout, "--heldout")
+    for flag, path in (("--heldout", args.heldout), ("--init", args.init)):
+        if path is not None:
+            check_readable(path, flag)
+    data = dataset_of(args.profile)
     for name in args.test:
         if name.endswith(".npz"):
             check_readable(name, "--test")
-        elif (
-            get_profile(args.profile).dataset == "digits"
-            and name not in digits.SPLITS + digits.SHIFTS
-        ):
+        elif name not in data.sets:
             raise MMSoupError(
-                f"--test {name!r} is not a digits set; pick from {', '.join(digits.SPLITS + digits.SHIFTS)} or pass an .npz."
+                f"--test {name!r} is not a {data.title} set; pick from {', '.join(data.sets)} or pass an .npz."
             )
     check_writable(args.out, "--out", file=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Build the evaluators on every rank, the soup on rank 0; rank 0's summary, None elsewhere."""
-    from mmsoup.checkpoints import load_state_dict, save_state_dict
+    from mmsoup.checkpoints import load_state_dict
+    from mmsoup.factories import num_classes
     from mmsoup.models import create_classifier
     from mmsoup.partition import partition
     from mmsoup.profiles import get_profile
-    from mmsoup.soups import greedy_soup, manifold_mixing_soup, optimizer_class, uniform_soup
+    from mmsoup.recipes import Pool, recipe
+    from mmsoup.soups import optimizer_class
 
     check_args(args)
+    rec = recipe(args.recipe)
     rank, world = distributed.init(args.backend, rendezvous_s=args.timeout)
     paths = _pool(args.ingredients)
     first = load_state_dict(paths[0])
-    head = first["classification_head.weight"].shape[0]
+    head = num_classes(first, get_profile(args.profile).arch)  # the family's head (factories)
     model = create_classifier(get_profile(args.profile).arch, head)
-    if args.recipe == "mms":  # a wrong scheme or optimizer fails before the data are loaded
-        comps = partition(first, args.scheme, model=model)
+    pool = Pool(
+        ingredients=paths,
+        heldout=None,  # the sharded evaluator, below
+        anchor=args.init,
+        scheme=args.scheme,
+        partition=lambda scheme: partition(first, scheme, model=model),
+        mms=dict(
+            tau=args.tau,
+            budget=args.budget,
+            optimizer=args.optimizer,
+            seed=args.seed,
+            variant=args.variant,
+        ),
+        progress=False,
+    )
+    if "components" in rec.needs:  # a wrong scheme or optimizer fails before the data are loaded
+        pool.components(rec.scheme)
         optimizer_class(args.optimizer)
     if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
         keep_freed_memory()  # as the pipeline's stages on CPU
@@ -150,28 +186,14 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         )
         for name, (x, y, pre, proj) in sets.items()
     }
-    ev = evs["heldout"]
+    pool.heldout = evs["heldout"]
 
     def soup() -> dict[str, Any]:
         t0 = time.perf_counter()
-        if args.recipe == "uniform":
-            state = uniform_soup(paths)
-            summary = {"val_acc": ev(state), "n_evals": 1}
-            save_state_dict(state, args.out, {"recipe": "uniform_soup", **summary})
-        else:
-            if args.recipe == "greedy":
-                res = greedy_soup(paths, ev, progress=False)
-            else:
-                kw = dict(
-                    tau=args.tau, budget=args.budget, optimizer=args.optimizer, seed=args.seed
-                )
-                res = manifold_mixing_soup(
-                    paths, ev, comps, variant=args.variant, progress=False, **kw
-                )
-            state, summary = res.state_dict, {"val_acc": res.val_acc, "n_evals": res.n_evals}
-            summary["ingredients"] = res.ingredients
-            res.save(args.out)
-        summary |= {name: e(state) for name, e in evs.items() if name != "heldout"}
+        res = rec.build(pool)  # one set of weights (check_args refused the ensembles)
+        res.save(args.out)
+        summary = {"val_acc": res.val_acc, "n_evals": res.n_evals, "ingredients": res.ingredients}
+        summary |= {name: e(res.state_dict) for name, e in evs.items() if name != "heldout"}
         return summary | {
             "recipe": args.recipe,
             "world": world,

@@ -10,12 +10,18 @@ A name is data, not code (transformers' `trust_remote_code` convention): a `modu
 factory, `trust_remote_code` among the keyword arguments and a Hugging Face folder whose
 config.json has `auto_map` (custom modelling code) import and run code, so `create_model` refuses
 them (`check_trust`, before anything is imported) unless called with `trust_code=True`.
+
+One registry, `FAMILIES`, serves the study and own checkpoints: a row per library recognises its
+names, builds the model and its transform, knows its example input size (`blocks:N+live`) and its
+head (`num_classes`). To add a library, add one `Family` row with a prefix of its own ('zoo:NAME')
+and a `create` returning a `Model`; `check`, `input_size` and `head` are optional (without them
+`blocks:N+live` needs an example_input and the class count is the checkpoint's last weight's).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,6 @@ from torch import nn
 from mmsoup.errors import MMSoupError
 
 TRUST_HINT = "pass --trust-code (or set trust_code: true in the config) if you trust that code"
-KINDS = "an open_clip name (ViT-B-32), 'timm:NAME', 'torchvision:NAME', a Hugging Face model folder with config.json, 'hf:ORG/NAME' (local cache) or 'package.module:function'"
 
 
 @dataclass
@@ -136,11 +141,11 @@ def _timm_transform(module: nn.Module, image_size: int | None) -> Callable[[Any]
 
 
 def _is_factory(name: str) -> bool:
-    """Whether `name` is `module:function` / `package.module:function` (not timm:, torchvision:, hf:)."""
+    """Whether `name` is `module:function` / `package.module:function` (no family's prefix:)."""
     kind, sep, rest = name.partition(":")
     return (
         bool(sep)
-        and kind not in ("timm", "torchvision", "hf")
+        and kind not in {prefix for family in FAMILIES for prefix in family.prefixes}
         and not Path(name).expanduser().is_dir()
         and all(part.isidentifier() for part in kind.split("."))
         and rest.isidentifier()
@@ -184,38 +189,279 @@ def check_trust(name: str, kwargs: dict[str, Any], trust_code: bool, where: str 
     raise MMSoupError(f"{where}{what}; {TRUST_HINT}.")
 
 
+# -- the families: one row per model library ------------------------------------------------------
+def _after(name: str) -> str:
+    """The name after its family's prefix ('timm:resnet50' -> 'resnet50')."""
+    return name.partition(":")[2]
+
+
+def _nothing(*args: Any) -> None:
+    """A family's hook with nothing to say (every name checked later, size or head unknown)."""
+    return None
+
+
+def _pair_of(size: Any) -> tuple[int, int]:
+    """(height, width) of an image size given as one integer or a pair."""
+    return (size, size) if isinstance(size, int) else tuple(size)[:2]
+
+
+def _in_channels(module: nn.Module, default: int = 3) -> int:
+    """The input channels of the model's first convolution (its stem), else `default`."""
+    conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else default
+
+
+def _clip_check(name: str) -> None:
+    import open_clip
+
+    from mmsoup.models import register_configs
+
+    register_configs()
+    if name not in open_clip.list_models():
+        raise MMSoupError(f"Unknown model {name!r}; use {KINDS}.")
+
+
+def _clip_create(name: str, image_size: int | None, trust_code: bool, **kwargs: Any) -> Model:
+    """The study's classifier (`mmsoup.models.create_classifier`) and open_clip's eval transform."""
+    import open_clip
+
+    from mmsoup.models import create_classifier
+
+    module = create_classifier(name, **kwargs)
+    visual = module.model.visual
+    transform = open_clip.image_transform(
+        image_size or visual.image_size, is_train=False, **_clip_stats(visual)
+    )
+    return Model(module.eval(), transform, "open_clip")
+
+
+def _clip_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) of a vision tower with an `image_size` attribute (open_clip's; also torchvision's
+    and transformers' ViTs): channels from its `conv1` (3 without one)."""
+    for module in model.modules():
+        size = getattr(module, "image_size", None)
+        if size is not None:
+            conv = getattr(module, "conv1", None)
+            return (conv.in_channels if isinstance(conv, nn.Conv2d) else 3, *_pair_of(size))
+    return None
+
+
+def _clip_stats(visual: nn.Module) -> dict[str, Any]:
+    """open_clip's normalisation constants of a tower (its preprocess config when it has one)."""
+    cfg = getattr(visual, "preprocess_cfg", None) or {}
+    return {k: cfg[k] for k in ("mean", "std") if k in cfg}
+
+
+def _timm_check(name: str) -> None:
+    import timm
+
+    if not timm.is_model(_after(name)):
+        raise MMSoupError(
+            f"Unknown timm model {_after(name)!r}; pick one of timm.list_models(), e.g. 'timm:resnet50'."
+        )
+
+
+def _timm_create(name: str, image_size: int | None, trust_code: bool, **kwargs: Any) -> Model:
+    import timm
+
+    module = timm.create_model(_after(name), pretrained=False, **kwargs)
+    return Model(module.eval(), _timm_transform(module, image_size), "timm")
+
+
+def _timm_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) of a timm model: its pretrained_cfg's input_size, the sides of a patch embedding
+    built for another size (`img_size=32`), the channels of its stem."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, Mapping) or not cfg.get("input_size"):
+        return None
+    channels, h, w = cfg["input_size"]
+    size = next((m.img_size for m in model.modules() if getattr(m, "img_size", None)), None)
+    h, w = _pair_of(size) if size is not None else (h, w)
+    return _in_channels(model, channels), h, w
+
+
+def _timm_head(name: str) -> str | None:
+    """The head's weight per timm's pretrained_cfg (`classifier`: 'fc', 'head.fc', ...)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(_after(name))
+    head = getattr(cfg, "classifier", None)
+    head = head[0] if isinstance(head, (list, tuple)) else head  # distilled: (head, head_dist)
+    return f"{head}.weight" if head else None
+
+
+def _torchvision_check(name: str) -> None:
+    import torchvision
+
+    if _after(name) not in torchvision.models.list_models():
+        raise MMSoupError(
+            f"Unknown torchvision model {_after(name)!r}; pick one of torchvision.models.list_models(), e.g. 'torchvision:resnet18'."
+        )
+
+
+def _torchvision_create(
+    name: str, image_size: int | None, trust_code: bool, **kwargs: Any
+) -> Model:
+    import torchvision
+
+    module = torchvision.models.get_model(_after(name), weights=None, **kwargs).eval()
+    return Model(module, _timm_transform(module, image_size or 224), "torchvision")
+
+
+def _torchvision_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, 224, 224) for a torchvision classifier: the crop of its ImageNet weights' transforms
+    (and of `create_model`'s transform) for all but a few (inception_v3: 299)."""
+    if not type(model).__module__.startswith("torchvision.models."):
+        return None
+    return _in_channels(model), 224, 224
+
+
+def _hf_folder_of(name: str) -> Path:
+    """The model folder a Hugging Face name means: `hf:ORG/NAME` in the local cache, else the path."""
+    kind, sep, rest = name.partition(":")
+    return _hub_folder(rest) if kind == "hf" and sep else Path(name).expanduser()
+
+
+def _hf_matches(name: str) -> bool:
+    kind, sep, _ = name.partition(":")
+    return (kind == "hf" and bool(sep)) or Path(name).expanduser().is_dir()
+
+
+def _hf_check(name: str) -> None:
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise MMSoupError(
+            f"Model folder {folder} has no config.json; pass a Hugging Face model folder or {KINDS}."
+        )
+
+
+def _hf_create(name: str, image_size: int | None, trust_code: bool, **kwargs: Any) -> Model:
+    return _transformers(_hf_folder_of(name), trust_code, **kwargs)
+
+
+def _hf_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) from a transformers image model's config (image_size, num_channels)."""
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "image_size", None)
+    if not type(model).__module__.startswith("transformers.") or not size:
+        return None
+    return getattr(cfg, "num_channels", None) or _in_channels(model), *_pair_of(size)
+
+
+def _python_create(name: str, image_size: int | None, trust_code: bool, **kwargs: Any) -> Model:
+    """`module:function` or `package.module:function` (a family's prefix never is one)."""
+    kind, _, rest = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(kind), rest)
+    except (ImportError, AttributeError) as e:
+        raise MMSoupError(
+            f"Model factory {name!r} cannot be imported ({e}); check the module path and function name."
+        ) from e
+    module = factory(**kwargs)
+    if not isinstance(module, nn.Module):
+        raise MMSoupError(
+            f"Model factory {name!r} returned {type(module).__name__}, not a torch nn.Module; return the model."
+        )
+    return Model(module.eval(), _timm_transform(module, image_size or 224), "python")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model library: its names, how its models are built, their example input, their head."""
+
+    source: str  # Model.source of its models, e.g. "timm"
+    names: str  # how its names are written (the list of kinds in error messages, KINDS)
+    prefixes: tuple[str, ...]  # 'timm' for names 'timm:NAME'
+    # (name, image_size, trust_code, **kwargs) -> Model: randomly initialised, logits out, its
+    # evaluation transform of a PIL image (None: unknown); the name is given whole
+    create: Callable[..., Model]
+    check: Callable[[str], None] = _nothing  # refuse an unknown name in one sentence, build nothing
+    # (C, H, W) of one example image for a model of the family (`blocks:N+live`), None: unknown
+    input_size: Callable[[nn.Module], tuple[int, int, int] | None] = _nothing
+    head: Callable[[str], str | None] = _nothing  # the head's weight key, None: the last weight
+    preprocessing: str = "the model's own"  # where its transform comes from (mmsoup.own's line)
+    library: str = ""  # the model card's library_name on a hub ("": pytorch)
+    matches: Callable[[str], bool] | None = None  # names it takes; None: 'PREFIX:...'
+
+    def takes(self, name: str) -> bool:
+        """Whether `name` is one of this family's names."""
+        if self.matches is not None:
+            return self.matches(name)
+        kind, sep, _ = name.partition(":")
+        return bool(sep) and kind in self.prefixes
+
+
+# Matched in order; the study's architectures (open_clip names: no ':', not a folder) come first.
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "open_clip",
+        "an open_clip name (ViT-B-32)",
+        prefixes=(),
+        create=_clip_create,
+        check=_clip_check,
+        input_size=_clip_size,
+        head=lambda name: "classification_head.weight",  # mmsoup.models.ImageClassifier's
+        preprocessing="the model's own (open_clip's preprocess)",
+        library="open_clip",
+        matches=lambda name: ":" not in name and not Path(name).expanduser().is_dir(),
+    ),
+    Family(
+        "timm",
+        "'timm:NAME'",
+        prefixes=("timm",),
+        create=_timm_create,
+        check=_timm_check,
+        input_size=_timm_size,
+        head=_timm_head,
+        preprocessing="the model's own (timm's data config, pretrained_cfg)",
+        library="timm",
+    ),
+    Family(
+        "torchvision",
+        "'torchvision:NAME'",
+        prefixes=("torchvision",),
+        create=_torchvision_create,
+        check=_torchvision_check,
+        input_size=_torchvision_size,
+        preprocessing="timm's defaults for a model without a data config",
+        library="torchvision",
+    ),
+    Family(
+        "transformers",
+        "a Hugging Face model folder with config.json, 'hf:ORG/NAME' (local cache)",
+        prefixes=("hf",),
+        create=_hf_create,
+        check=_hf_check,
+        input_size=_hf_size,
+        preprocessing="the model's own (its image processor, preprocessor_config.json)",
+        library="transformers",
+        matches=_hf_matches,
+    ),
+    Family(
+        "python",
+        "'package.module:function'",
+        prefixes=(),
+        create=_python_create,
+        preprocessing="timm's defaults for a model without a data config",
+        matches=_is_factory,  # `module:function` where module is no family's prefix
+    ),
+)
+KINDS = ", ".join(f.names for f in FAMILIES[:-1]) + f" or {FAMILIES[-1].names}"
+
+
+def family(name: str) -> Family:
+    """The family a model name belongs to (the first row that takes it); unknown: one sentence."""
+    name = str(name)
+    found = next((f for f in FAMILIES if f.takes(name)), None)
+    if found is None:
+        raise MMSoupError(f"Unknown model {name!r}; use {KINDS}.")
+    return found
+
+
 def check_name(name: str) -> None:
     """Refuse a model name `create_model` does not know, without building anything (one sentence)."""
     name = str(name)
-    kind, sep, rest = name.partition(":")
-    folder = Path(name).expanduser()
-    if kind == "timm" and sep:
-        import timm
-
-        if not timm.is_model(rest):
-            raise MMSoupError(
-                f"Unknown timm model {rest!r}; pick one of timm.list_models(), e.g. 'timm:resnet50'."
-            )
-    elif kind == "torchvision" and sep:
-        import torchvision
-
-        if rest not in torchvision.models.list_models():
-            raise MMSoupError(
-                f"Unknown torchvision model {rest!r}; pick one of torchvision.models.list_models(), e.g. 'torchvision:resnet18'."
-            )
-    elif folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise MMSoupError(
-                f"Model folder {folder} has no config.json; pass a Hugging Face model folder or {KINDS}."
-            )
-    elif not ((kind == "hf" and sep) or _is_factory(name)):
-        import open_clip
-
-        from mmsoup.models import register_configs
-
-        register_configs()
-        if name not in open_clip.list_models():
-            raise MMSoupError(f"Unknown model {name!r}; use {KINDS}.")
+    family(name).check(name)
 
 
 def create_model(
@@ -226,54 +472,29 @@ def create_model(
     name = str(name)
     check_trust(name, kwargs, trust_code)
     check_name(name)
-    kind, sep, rest = name.partition(":")
-    folder = Path(name).expanduser()
     try:
-        if kind == "timm" and sep:
-            import timm
-
-            module = timm.create_model(rest, pretrained=False, **kwargs)
-            return Model(module.eval(), _timm_transform(module, image_size), "timm")
-        if kind == "torchvision" and sep:
-            import torchvision
-
-            module = torchvision.models.get_model(rest, weights=None, **kwargs).eval()
-            return Model(module, _timm_transform(module, image_size or 224), "torchvision")
-        if kind == "hf" and sep:
-            return _transformers(_hub_folder(rest), trust_code, **kwargs)
-        if folder.is_dir():
-            return _transformers(folder, trust_code, **kwargs)
-        if _is_factory(name):
-            # module:function or package.module:function (timm:, torchvision:, hf: came first)
-            try:
-                factory = getattr(importlib.import_module(kind), rest)
-            except (ImportError, AttributeError) as e:
-                raise MMSoupError(
-                    f"Model factory {name!r} cannot be imported ({e}); check the module path and function name."
-                ) from e
-            module = factory(**kwargs)
-            if not isinstance(module, nn.Module):
-                raise MMSoupError(
-                    f"Model factory {name!r} returned {type(module).__name__}, not a torch nn.Module; return the model."
-                )
-            return Model(module.eval(), _timm_transform(module, image_size or 224), "python")
-        import open_clip
-
-        from mmsoup.models import create_classifier
-
-        module = create_classifier(name, **kwargs)
-        visual = module.model.visual
-        transform = open_clip.image_transform(
-            image_size or visual.image_size, is_train=False, **_clip_stats(visual)
-        )
-        return Model(module.eval(), transform, "open_clip")
+        return family(name).create(name, image_size, trust_code, **kwargs)
     except TypeError as e:  # a keyword the factory does not take
         raise MMSoupError(
             f"Model {name!r} does not accept the given model_kwargs ({e}); fix model_kwargs in the config."
         ) from e
 
 
-def _clip_stats(visual: nn.Module) -> dict[str, Any]:
-    """open_clip's normalisation constants of a tower (its preprocess config when it has one)."""
-    cfg = getattr(visual, "preprocess_cfg", None) or {}
-    return {k: cfg[k] for k in ("mean", "std") if k in cfg}
+def input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) of one example image for `model`, from the first family that knows it, else None."""
+    return next((size for f in FAMILIES if (size := f.input_size(model)) is not None), None)
+
+
+def num_classes(state: Mapping[str, Any], name: str) -> int:
+    """The number of classes of a checkpoint of model `name`: the rows of its family's head weight
+    (without a known head: the checkpoint's last weight of two or more dimensions)."""
+    key = family(name).head(str(name))
+    if key is None:
+        key = next(
+            (k for k, v in reversed(state.items()) if k.endswith("weight") and v.ndim >= 2), ""
+        )
+    if key not in state:
+        raise MMSoupError(
+            f"The checkpoint has no classification head {key or 'weight'!r} for model {name!r}; pass a checkpoint of that model."
+        )
+    return int(state[key].shape[0])

@@ -253,11 +253,16 @@ def soups(run_dir: str | os.PathLike) -> list[str]:
     if "WiSE-FT" in recs:
         w = recs["WiSE-FT"]
         extra.append(f"WiSE-FT (α = {w['alpha']:g}) {vs(w)}")
-    for name in ("Ensemble", "Greedy ensemble"):
-        if name in recs:
-            r = recs[name]
-            k = len(r["ingredients"])
-            extra.append(f"the {name.lower()} of {k} model{'s' if k != 1 else ''} {vs(r)}")
+    said = {"Uniform soup", "Greedy soup", *mms, "Learned soup", "WiSE-FT"}
+    for name, r in recs.items():  # a recipe without a sentence of its own: its held-out number
+        k = len(r["ingredients"])
+        models = f"{k} model{'s' if k != 1 else ''}"
+        if name in said:
+            continue
+        if r.get("info", {}).get("recipe", "").endswith("ensemble"):
+            extra.append(f"the {name.lower()} of {models} {vs(r)}")
+        else:
+            extra.append(f"{name}, a soup of {models}, {vs(r)}")
     if extra:
         out.append("**The others.** " + "; ".join(extra)[0:1].upper() + "; ".join(extra)[1:] + ".")
     out.append(

@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 
 from mmsoup.checkpoints import load_state_dict, read_sidecar, save_state_dict
 from mmsoup.data.digits import HELDOUT_IMAGES, MIN_TRAIN, SPLIT_SIZES
+from mmsoup.datasets import dataset
 from mmsoup.determinism import pinned
 from mmsoup.distributed import rank_world
 from mmsoup.errors import MMSoupError
@@ -37,7 +38,7 @@ from mmsoup.models import TINY_ARCH, ImageClassifier, create_classifier
 
 AUGMENTATIONS = ("minimal", "randaugment")
 AUG_GROUP = 8  # images per group sharing one draw of crop/RandAugment parameters (see _augment)
-NUM_CLASSES = 10
+NUM_CLASSES = dataset("digits").num_classes  # the embedded study fine-tunes on the digits
 MAX_HELDOUT = HELDOUT_IMAGES + SPLIT_SIZES["train"] - MIN_TRAIN
 RANDAUG_BINS = 31  # torchvision's default: magnitudes 0..30
 

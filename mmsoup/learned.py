@@ -18,7 +18,7 @@ from torch import nn
 
 from mmsoup.checkpoints import Ingredient, iter_ingredients, library_versions, validate_pool
 from mmsoup.errors import MMSoupError
-from mmsoup.mixing import mix_from_weights
+from mmsoup.mixing import mix_from_weights, weighted_sum
 from mmsoup.partition import validate_partition
 from mmsoup.progress import tqdm
 from mmsoup.result import REST, Scorer, SoupResult, ranked
@@ -48,19 +48,14 @@ def mix(
     fixed = fixed or {}
     n = len(ingredients)
     coefs = weights.detach().double().cpu().tolist()  # python floats: no device sync per key
-    out: dict[str, torch.Tensor] = {}
-    out_dtype: dict[str, torch.dtype] = {}
-    for i, state in iter_ingredients(ingredients):
-        for key, theta in state.items():
-            if not theta.is_floating_point() or key in fixed:
-                continue
-            coef = coefs[comp[key]][i] if key in comp else 1.0 / n
-            theta = theta.to(device=device, dtype=torch.promote_types(theta.dtype, torch.float32))
-            if i == 0:
-                out[key], out_dtype[key] = theta * coef, state[key].dtype
-            else:
-                out[key].add_(theta, alpha=coef)
-    out = {k: v.to(dtype or out_dtype[k]) for k, v in out.items()}
+    s = weighted_sum(
+        ingredients,
+        lambda i, key: coefs[comp[key]][i] if key in comp else 1.0 / n,
+        start="scale",  # c_0·θ_0 first, each θ_i moved to `device` in float32 at least
+        summed=lambda key, theta: theta.is_floating_point() and key not in fixed,
+        device=device,
+    )
+    out = {k: v.to(dtype or s.dtypes[k]) for k, v in s.sums.items()}
     return out | {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in fixed.items()}
 
 

@@ -96,15 +96,16 @@ def model_card(pool: Any, results: Mapping[str, Any]) -> str:
     lines += _bn_lines(soups)
     if results.get("preprocess"):
         lines += [f"Preprocessing of image folders: {results['preprocess']}.", ""]
-    if "mms" in soups:
-        lines += _mms_section(soups["mms"])
-    if "greedy" in soups:
-        dec = pd.DataFrame(soups["greedy"].info["decisions"])
-        if len(dec):
+    for r, res in soups.items():  # what each search decided, read from the record it left
+        decisions = res.info.get("decisions") or [{}]
+        if "n_components" in res.info:  # a manifold mixing search: λ* per component
+            lines += _mms_section(res, r)
+        elif "accepted" in decisions[0]:  # a greedy search: each candidate in or out
+            dec = pd.DataFrame(res.info["decisions"])
             dec["decision"] = np.where(dec.pop("accepted"), "accepted", "rejected")
             lines += ["## Greedy soup: candidates (Soups Recipe 1)", "", _table(dec), ""]
-    spent = results["ingredient_evals"] + sum(
-        s.n_evals for r, s in soups.items() if r not in ("ensemble", "greedy_ensemble")
+    spent = results["ingredient_evals"] + sum(  # an ensemble's passes are its members' ranking
+        s.n_evals for s in soups.values() if isinstance(s, SoupResult)
     )
     lines += [
         "## Evaluations spent",
@@ -145,7 +146,7 @@ def _bn_lines(soups: Mapping[str, Any]) -> list[str]:
     return [f"BatchNorm statistics (bn_recalibration: {mode}): " + "; ".join(said) + ".", ""]
 
 
-def _mms_section(res: SoupResult) -> list[str]:
+def _mms_section(res: SoupResult, key: str) -> list[str]:
     """The per-component λ* of each mixed candidate and every candidate's fate (MMS Alg. 1)."""
     decisions = res.info["decisions"]
     comps = list(res.weights)
@@ -169,7 +170,7 @@ def _mms_section(res: SoupResult) -> list[str]:
         ]
     )
     out = [
-        "## Manifold mixing soup (MMS Alg. 1)",
+        f"## Manifold mixing soup (MMS Alg. 1): {key}",
         "",
         *([f"**Warning:** {res.info['warning']}", ""] if res.info.get("warning") else []),
         f"Candidates: {counts.get('accepted', 0)} accepted, {counts.get('skipped', 0)} skipped, "
@@ -195,17 +196,12 @@ def _extra_versions() -> dict[str, str]:
     return found
 
 
-LIBRARY = {"timm": "timm", "torchvision": "torchvision", "hf": "transformers"}
-
-
 def _front_matter(cfg: Any, recipes: list[str]) -> list[str]:
     """The YAML front matter a merged model published on a hub carries (base model, tags,
     library, a license to fill in)."""
-    kind = str(cfg.model).partition(":")[0] if ":" in str(cfg.model) else ""
-    folder = Path(str(cfg.model))
-    library = LIBRARY.get(kind) or (
-        "transformers" if (folder / "config.json").is_file() else "open_clip" if not kind else ""
-    )
+    from mmsoup.factories import family
+
+    library = family(str(cfg.model)).library  # the model's family (checked when the pool opened)
     base = str(cfg.shown(cfg.init)) if cfg.values.get("init") else str(cfg.model)
     tags = ["model-soup", "mmsoup", "merge", *recipes]
     return [

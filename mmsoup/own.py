@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from mmsoup import recipes
 from mmsoup.checkpoints import (
     KEY_ORDER,
     RenamedCheckpoint,
@@ -42,20 +43,27 @@ from mmsoup.checkpoints import (
 )
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import Evaluator
-from mmsoup.factories import create_model
+from mmsoup.factories import FAMILIES, create_model
 from mmsoup.io import atomic_path, check_writable, write_json, write_text
 from mmsoup.mixing import interpolate
 from mmsoup.model_card import model_card
 from mmsoup.progress import tqdm
 from mmsoup.result import ALL, Scorer, SoupResult
 
-RECIPES = ("uniform", "greedy", "mms", "learned", "ensemble", "greedy_ensemble")
 BN_MODES = ("none", "final", "each")
 MAX_CONFIG_BYTES = 1_000_000  # a soup config is a few lines; a bigger file is not one
 SHOW = 200  # characters of a value echoed in a message, at most
 
 Kind = type | tuple[type, ...]
 Rule = tuple[Kind, Callable[[Any], bool], str]  # type, check, what is allowed (as FIELD_RULES)
+
+
+def _known_recipe(name: str) -> bool:
+    try:
+        recipes.recipe(name)
+    except MMSoupError:
+        return False
+    return True
 
 
 def _known_optimizer(name: str) -> bool:
@@ -121,8 +129,8 @@ RULES: dict[str, Rule] = {
     "test": (str, lambda v: v.strip() != "", "a test set: an ImageFolder directory or a .pt/.npz file"),
     "classes": (list, lambda v: len(v) >= 2 and _list_of(str, bool)(v) and len(set(v)) == len(v),
                 "a list of at least 2 distinct class folder names, in the model's label order"),
-    "recipes": (list, lambda v: len(v) >= 1 and _list_of(str, lambda r: r in RECIPES)(v),
-                f"a non-empty list of {', '.join(RECIPES)}"),
+    "recipes": (list, lambda v: len(v) >= 1 and _list_of(str, _known_recipe)(v),
+                f"a non-empty list of recipes: {recipes.vocabulary()}"),
     "partition": (str, _partition_spec, "a partition scheme: C8, C15, C26, prefix:D, prefix:D:split or blocks:N, optionally +live"),
     "mms": (dict, lambda v: True, "a mapping of MMS options"),
     "learned": (dict, lambda v: True, "a mapping of learned-soup options"),
@@ -306,6 +314,8 @@ def load_config(
     for section, rules in SECTIONS.items():
         check_rules(values[section], rules, f"Config {source}, {section}")
         values[section] = {k: v for k, v in values[section].items() if v is not None}
+    keys = [recipes.recipe(r).key for r in values["recipes"]]  # one spelling: the recipe's key
+    values["recipes"] = list(dict.fromkeys(keys))
     for key in ("model", "ingredients"):
         if values[key] is None:
             raise MMSoupError(f"Config {source} lacks the key {key!r}; add it (see the README).")
@@ -319,6 +329,11 @@ def load_config(
 
     check_trust(values["model"], values["model_kwargs"], values["trust_code"], f"Config {source}: ")
     check_name(values["model"])
+    for r in map(recipes.recipe, values["recipes"]):
+        if "anchor" in r.needs and values["init"] is None:
+            raise MMSoupError(
+                f"Config {source}: recipe {r.name!r} needs the weights every ingredient was fine-tuned from; add init: (a checkpoint path)."
+            )
     ingredients = _ingredients(values["ingredients"], base, source)
     _check_out(values, base, source)
     return SoupConfig(values, ingredients, text, source, given, str(base))
@@ -620,6 +635,18 @@ class Pool:
     def names(self) -> list[str]:
         return [_name(p) for p in self.ingredients]
 
+    @property
+    def init(self) -> Any:
+        """The checkpoint every ingredient was fine-tuned from (`init:`), under the model's key
+        names; None when the config gives none."""
+        if self.config.init is None:
+            return None
+        return (
+            RenamedCheckpoint(self.config.init, self.file_keys)
+            if self.file_keys
+            else self.config.init
+        )
+
 
 def _name(path: str) -> str:
     p = Path(path)
@@ -729,13 +756,7 @@ def open_pool(
 
 # -- preprocessing of ImageFolder images ---------------------------------------------------------
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # timm's defaults
-_OWN = {
-    "timm": "the model's own (timm's data config, pretrained_cfg)",
-    "torchvision": "timm's defaults for a model without a data config",
-    "python": "timm's defaults for a model without a data config",
-    "open_clip": "the model's own (open_clip's preprocess)",
-    "transformers": "the model's own (its image processor, preprocessor_config.json)",
-}
+_OWN = {family.source: family.preprocessing for family in FAMILIES}  # its transform's origin
 
 
 def _pair(value: Any, square: bool = False) -> list[int] | int:
@@ -919,72 +940,52 @@ def _finish_bn(pool: Pool, result: SoupResult, since: tuple[float, int] = (0.0, 
 
 
 def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
-    """Rank the ingredients once, then run each requested recipe (Soups §2, Recipe 1; MMS Alg. 1)."""
-    from mmsoup import soups
+    """Rank the ingredients once, then build each requested recipe of the registry
+    (`mmsoup.recipes`; Soups §2, Recipe 1; MMS Alg. 1), each from the same recipe pool."""
     from mmsoup.partition import partition
 
     cfg, ings, n = pool.config, pool.ingredients, len(pool.ingredients)
     scorer = Scorer(pool.val_acc)
     bar = tqdm(ings, desc="ingredients", disable=not progress)
     accs = [scorer.state(open_ingredient(p), i, "ingredient") for i, p in enumerate(bar)]
-    best = int(np.argmax(accs))  # the first of equal maxima, as best_first
-    needs_parts = {"mms", "learned"} & set(cfg.recipes)
-    comps = (
-        partition(pool.model, cfg.partition, example_input=pool.example_input)
-        if needs_parts
-        else None
+    wanted = [recipes.recipe(key) for key in cfg.recipes]
+    rpool = recipes.Pool(
+        ingredients=ings,
+        heldout=pool.val_acc,
+        val_accs=accs,
+        anchor=pool.init,
+        scheme=cfg.partition,
+        partition=lambda scheme: partition(pool.model, scheme, example_input=pool.example_input),
+        mms={**cfg.mms, "warn": True},  # one sentence first when τ cannot pass (mms_warning)
+        learned=cfg.learned,
+        progress=progress,
     )
-    out: dict[str, Any] = {"ingredient_val_accs": accs, "ingredient_evals": n, "partition": comps}
+    for r in wanted:  # what a recipe lacks: one sentence before any soup is built
+        r.check(
+            rpool,
+            " (from Python, pass no val_acc to use held_out:)" if pool.evaluator is None else "",
+        )
+    needs_parts = any("components" in r.needs and r.scheme is None for r in wanted)
+    out: dict[str, Any] = {
+        "ingredient_val_accs": accs,
+        "ingredient_evals": n,
+        "partition": rpool.components(None) if needs_parts else None,
+    }
     if isinstance(pool.evaluator, RecalibratingEvaluator):  # mode each: ranking's share
         spent = _bn_spent(pool)
         out["ingredient_bn_recalibration"] = {"seconds": spent[0], "recalibrations": spent[1]}
-    for recipe in cfg.recipes:
+    for r in wanted:
         since = _bn_spent(pool)
-        if recipe == "uniform":
-            t0 = time.perf_counter()
-            state = soups.uniform_soup(ings, buffers_from=best)
-            acc = scorer.state(state, -1, "uniform")
-            info = {"recipe": "uniform_soup", "wall_time_s": time.perf_counter() - t0}
-            res = SoupResult(
-                state, acc, list(range(n)), {ALL: [1 / n] * n}, 1, scorer.trace[-1:], accs, info
-            )
-        elif recipe == "greedy":
-            res = soups.greedy_soup(ings, pool.val_acc, ingredient_val_accs=accs, progress=progress)
-        elif recipe == "mms":
-            warning = mms_warning(pool, accs[best])
-            if warning:  # before the search: what it will likely return, and why
-                print(f"mmsoup: warning: {warning}", file=sys.stderr, flush=True)
-            res = soups.manifold_mixing_soup(
-                ings, pool.val_acc, comps, ingredient_val_accs=accs, progress=progress, **cfg.mms
-            )
-            if warning:
-                res.info["warning"] = warning
-        elif pool.evaluator is None:
-            raise MMSoupError(
-                f"Recipe {recipe!r} needs held-out tensors (an Evaluator), not a val_acc callable; drop it from recipes."
-            )
-        elif recipe == "learned":
-            res = soups.learned_soup(
-                ings,
-                pool.evaluator,
-                comps,
-                ingredient_val_accs=accs,
-                progress=progress,
-                **cfg.learned,
-            )
-        else:
-            make = soups.greedy_ensemble if recipe == "greedy_ensemble" else soups.logit_ensemble
-            out[recipe] = make(ings, pool.evaluator)
-            continue
+        res = r.build(rpool)
         if isinstance(res, SoupResult):
             order = pool.model.state_dict()  # the model's key order, whatever the files' order
             res.state_dict = {k: res.state_dict[k] for k in order}
             _finish_bn(pool, res, since)
-        out[recipe] = res
+        out[r.key] = res
     if pool.test is not None:  # each soup once, after it is built: the unbiased number
-        for recipe in cfg.recipes:
-            if isinstance(out[recipe], SoupResult):
-                res = out[recipe]
+        for key in cfg.recipes:
+            if isinstance(out[key], SoupResult):
+                res = out[key]
                 res.info["test"] = {
                     "set": cfg.shown(cfg.test),
                     "n": pool.test.n,
@@ -992,36 +993,6 @@ def run_recipes(pool: Pool, progress: bool = True) -> dict[str, Any]:
                     "note": "scored once after the soup was built; the held-out set chose it",
                 }
     return out
-
-
-def mms_warning(pool: Pool, best_acc: float) -> str | None:
-    """The τ test cannot pass once mixing loses a single held-out image when one image (1/n) is
-    worth more than τ allows below the best model ((1 - τ)·acc): MMS then keeps only candidates
-    that lose nothing, and likely returns the best checkpoint alone. None when it can."""
-    import inspect
-
-    from mmsoup import soups
-
-    if pool.evaluator is None or best_acc <= 0:
-        return None
-    tau = pool.config.mms.get("tau")
-    if tau is None:
-        tau = inspect.signature(soups.manifold_mixing_soup).parameters["tau"].default
-    n, allowed = pool.evaluator.n, (1.0 - tau) * best_acc
-    if 1.0 / n <= allowed:
-        return None
-    fix = (
-        f"use at least {math.ceil(1.0 / allowed)} held-out images or a lower tau (at most "
-        f"{math.floor((1.0 - 1.0 / (n * best_acc)) * 1000) / 1000:g} for these {n})"
-        if tau < 1
-        else "lower tau (tau = 1 allows no loss at all)"
-    )
-    return (
-        f"MMS will likely return the best checkpoint alone: one held-out image is 1/{n} = "
-        f"{1.0 / n:.4f} of accuracy, more than tau = {tau:g} allows below the best model "
-        f"((1 - tau)·acc = {allowed:.4f} at acc {best_acc:.4f}), so only a candidate whose mix "
-        f"loses no held-out image is tried; {fix}."
-    )
 
 
 # -- writing ---------------------------------------------------------------------------------------

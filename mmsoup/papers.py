@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from mmsoup.errors import MMSoupError
-from mmsoup.recipes import RECIPES, slug
+from mmsoup.recipes import recipe, slug
 from mmsoup.results import HELDOUT_SET, LP_INIT
 from mmsoup.table1 import AVG_OOD, BEST, SECOND
 
@@ -44,9 +44,8 @@ PAPER_SET_SIZES = {
 _SOUPS_HELDOUT = "ImageNet2p"
 # The recipes Soups' released results name, by their names there (which are our file names)
 _SOUPS_RECIPES = {
-    slug(r.name): r
-    for r in RECIPES
-    if slug(r.name) in ("uniform_soup", "greedy_soup", "ensemble", "greedy_ensemble")
+    slug(name): recipe(name)
+    for name in ("Uniform soup", "Greedy soup", "Ensemble", "Greedy ensemble")
 }
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mmsoup.errors import MMSoupError
+from mmsoup.factories import input_size
 
 Components = dict[str, list[str]]
 
@@ -175,21 +176,19 @@ def _blocks(keys: Sequence[str], n_groups: int) -> Components:
 
 
 def _example_input(model: nn.Module) -> torch.Tensor:
-    """A random image batch (1, C, H, W) of the size the model's vision tower expects."""
-    for module in model.modules():
-        size = getattr(module, "image_size", None)
-        if size is not None:
-            h, w = (size, size) if isinstance(size, int) else tuple(size)
-            conv = getattr(module, "conv1", None)
-            channels = conv.in_channels if isinstance(conv, nn.Conv2d) else 3
-            ref = next(model.parameters())
-            gen = torch.Generator().manual_seed(0)  # leaves the global RNG alone
-            x = torch.randn(1, channels, h, w, generator=gen)
-            return x.to(device=ref.device, dtype=ref.dtype)
-    raise MMSoupError(
-        f"Cannot tell the input size of {type(model).__name__} (no 'image_size' attribute); "
-        "pass example_input= to live_components."
-    )
+    """A random image batch (1, C, H, W) of the size the model expects: an open_clip tower's
+    `image_size`, a timm model's pretrained_cfg, torchvision's 224 (`factories.input_size`)."""
+    size = input_size(model)
+    if size is None:
+        raise MMSoupError(
+            f"Cannot tell the input size of {type(model).__name__} (no 'image_size' attribute, "
+            "timm pretrained_cfg or torchvision default); pass example_input= to live_components."
+        )
+    channels, h, w = size
+    ref = next(model.parameters())
+    gen = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+    x = torch.randn(1, channels, h, w, generator=gen)
+    return x.to(device=ref.device, dtype=ref.dtype)
 
 
 def live_components(
@@ -260,7 +259,8 @@ def partition(
 
     Schemes: C8, C15, C26, prefix:D, prefix:D:split, blocks:N; '+live' (needs `model`, or a module
     as first argument) drops components that cannot change the output (see `live_components`),
-    run on `example_input` (one batch) or, for an open_clip tower, a random image of its size.
+    run on `example_input` (one batch) or a random image of the model's size (an open_clip tower's,
+    a timm model's pretrained_cfg input_size, torchvision's 224x224: `factories.input_size`).
     """
     if isinstance(keys_or_state_dict, nn.Module) and model is None:
         model = keys_or_state_dict

@@ -27,8 +27,9 @@ from mmsoup.determinism import pinned
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import correct
 from mmsoup.io import atomic_path, write_json
-from mmsoup.profiles import get_profile
-from mmsoup.recipes import NAMES, Pool, recipe
+from mmsoup.partition import partition
+from mmsoup.profiles import dataset_of, get_profile
+from mmsoup.recipes import NAMES, STUDY_SCHEME, Pool, recipe
 
 
 def _pinned_stage(stage: Callable[..., Any]) -> Callable[..., Any]:
@@ -137,7 +138,17 @@ def soup_stage(
         accs = [ev(load_state_dict(p)) for p in paths]
         write_json(accs_file, accs)
     start = time.perf_counter()
-    pool = Pool(profile, paths, ev, accs)
+    model = ev.model
+    pool = Pool(
+        ingredients=paths,
+        heldout=ev,
+        val_accs=accs,
+        anchor=paths[0],  # model_0: the LP init every run was fine-tuned from
+        scheme=STUDY_SCHEME,
+        partition=lambda scheme: partition(model.state_dict(), scheme, model=model),
+        mms={"budget": get_profile(profile).mms_budget},
+        state_dir=out,  # a killed MMS build resumes at its next candidate
+    )
     rows = []
     for r in map(recipe, recipes or NAMES):
         file = out / r.file
@@ -252,7 +263,7 @@ def figure2_stage(
     from mmsoup.plots import figure2
     from mmsoup.results import load_results
 
-    paper = get_profile(profile).dataset == "imagenet"
+    paper = dataset_of(profile).papers_report
     title = f"mmsoup, {profile} profile"
     if paper and not (Path(run_dir) / "results" / "accuracy.csv").is_file():
         acc, title = _soups_released_results(), "Soups' released per-model results (no run here)"
@@ -290,7 +301,7 @@ def table1_stage(profile: str, run_dir: str | os.PathLike, figures_dir: str | os
     acc, hits = load_results(run_dir)
     table = table1(acc, id_set(profile), shifts(profile))
     deltas = bootstrap_deltas(hits, acc, id_set(profile), shifts(profile))
-    note = PAPER_LABEL_SWAP_NOTE if get_profile(profile).dataset == "imagenet" else None
+    note = PAPER_LABEL_SWAP_NOTE if dataset_of(profile).papers_report else None
     paths = write_table1(table, figures_dir, deltas=deltas, note=note)
     return table, deltas, paths
 

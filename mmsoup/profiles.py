@@ -15,14 +15,15 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+from mmsoup.datasets import Dataset, dataset
 from mmsoup.errors import MMSoupError
 
 # mmsoup.models.TINY_ARCH / PAPER_ARCH, spelled out so that reading a profile (and failing on a
 # wrong name in the CLI) does not import torch and open_clip.
 TINY_ARCH = "mmsoup-tiny-vit"
 PAPER_ARCH = "ViT-B-32-quickgelu"
-# mmsoup.data.digits.HELDOUT_IMAGES / MIN_TRAIN and the 3,000 train digits, spelled out likewise.
-HELDOUT_IMAGES, MAX_HELDOUT = 1000, 3000
+# mmsoup.data.digits.HELDOUT_IMAGES, spelled out likewise (the most: mmsoup.datasets).
+HELDOUT_IMAGES = 1000
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Profile:
     name: str
     description: str
     arch: str
-    dataset: str  # "digits" (embedded) or "imagenet" (paper)
+    dataset: str  # a name in mmsoup.datasets.DATASETS: "digits" (embedded), "imagenet" (paper)
     # Keyword arguments of `mmsoup.pretrain.PretrainConfig`; None: the backbone is not ours.
     pretrain: dict[str, Any] | None
     search: str  # "random" (Soups App. J.2.1) or "released" (the 72 checkpoints)
@@ -164,9 +165,10 @@ def get_profile(spec: str) -> Profile:
         if key == "bf16" and int(value) > 1:
             raise MMSoupError(f"Profile {spec!r}: bf16 is 0 (fp32) or 1 (bf16), not {value!r}.")
         changes[key] = int(value)
-    held = changes.get("heldout_images", HELDOUT_IMAGES)
-    if held != HELDOUT_IMAGES and (prof.dataset != "digits" or not held <= MAX_HELDOUT):
-        where = f"1000..{MAX_HELDOUT}" if prof.dataset == "digits" else "not for ImageNet"
+    held, data = changes.get("heldout_images", HELDOUT_IMAGES), dataset(prof.dataset)
+    most = data.max_heldout_images
+    if held != HELDOUT_IMAGES and (most is None or not held <= most):
+        where = f"1000..{most}" if most is not None else f"not for {data.title}"
         raise MMSoupError(
             f"Profile {spec!r}: heldout_images={held} is out of range ({where}; "
             "paper profiles use heldout_per_class)."
@@ -176,3 +178,8 @@ def get_profile(spec: str) -> Profile:
             f"Profile {spec!r}: Soups released model_0..model_{prof.n_runs}, no more."
         )
     return replace(prof, name=spec, **changes) if changes else prof
+
+
+def dataset_of(spec: str) -> Dataset:
+    """The registered dataset (mmsoup.datasets) that the profile `spec` runs on."""
+    return dataset(get_profile(spec).dataset)

@@ -8,7 +8,9 @@ released, not on every drag step. A bar chart shows the λ* that manifold mixing
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -313,18 +315,58 @@ def _plot_lambda_star(
     plt.show()
 
 
+def mms_steps(info: Mapping[str, Any]) -> list[tuple[int, list[float]]]:
+    """(candidate, λ*) of each accepted step of an MMS soup, from its `info` (MMS Alg. 1):
+    the steps the explorer replays."""
+    steps = [(d["candidate"], d.get("lambdas")) for d in info["decisions"]]
+    steps = [s for s, d in zip(steps, info["decisions"]) if d["decision"] == "accepted"]
+    if any(lam is None for _, lam in steps):
+        raise MMSoupError(
+            "This MMS soup was made by an older mmsoup that did not record λ* per step; "
+            "rebuild it (notebook 02) to replay its steps."
+        )
+    return steps
+
+
+def most_uneven_step(
+    info: Mapping[str, Any], over: Sequence[int] | None = None
+) -> tuple[int, float] | None:
+    """The accepted MMS step whose λ* differs most between components, and that spread.
+
+    The spread of a step is the standard deviation (population) of its λ* over the components
+    `over` (indices into the step's λ*; default: every searched component, REST, held at λ0,
+    never counts): 0 when the step mixed every component alike, as a plain average would. Returns
+    (index into `mms_steps(info)`, spread); a tie goes to the later step; None when MMS accepted
+    no candidate. This is the step the λ explorer opens on (notebook 06).
+    """
+    steps = mms_steps(info)
+    if not steps:
+        return None
+    idx = list(range(int(info["n_components"]))) if over is None else list(over)
+    if not idx:
+        raise MMSoupError("most_uneven_step needs at least one component to measure λ* over.")
+    spreads = [lambda_spread(lam, idx) for _, lam in steps]
+    best = max(range(len(steps)), key=lambda k: (spreads[k], k))
+    return best, spreads[best]
+
+
+def lambda_spread(lam: Sequence[float], over: Sequence[int]) -> float:
+    """The standard deviation (population) of λ* over the component indices `over`."""
+    return float(np.std([lam[j] for j in over]))
+
+
 def explorer_inputs(paths, components, meta: Mapping, step: int | None = None, over=None):
     """The pair of one accepted MMS step: Ψ before it, its candidate θ_i, and its λ* (MMS Alg. 1).
 
     `step` counts the accepted steps from 1 (a negative one from the end: -1 is the last); None
-    is the step whose λ* differs most between components (`soups.most_uneven_step`, measured over
+    is the step whose λ* differs most between components (`most_uneven_step`, measured over
     the component indices `over`). At λ* the panel shows Ψ after that step, exactly: keys outside
     `components` (REST) are mixed into Ψ at the step's λ0 beforehand. Returns (A, B, λ*,
     (name A, name B), (step, number of steps)); with no accepted step, the best ingredient
     against the runner-up at λ = 1 and step (None, 0).
     """
     from mmsoup.checkpoints import load_state_dict
-    from mmsoup.soups import REST, interpolate, mms_steps, most_uneven_step
+    from mmsoup.soups import REST, interpolate
 
     steps = mms_steps(meta["info"])
     order = meta["ingredients"]
@@ -376,7 +418,7 @@ def from_run(
 
     By default it opens on the most instructive step: among the accepted steps of every MMS soup
     in the run, the one whose λ* differs most between its live components
-    (`soups.most_uneven_step`). `method` (e.g. "MMS-C15") keeps to that soup; `step` picks the
+    (`most_uneven_step`). `method` (e.g. "MMS-C15") keeps to that soup; `step` picks the
     step (1 = the first candidate mixed in, -1 = the last; MMS-C15 if no method is given).
     The sliders start at λ*; `explorer.method`, `.step` and `.n_steps` say what was opened, and
     `explorer.opened` says it in words.
@@ -387,7 +429,6 @@ def from_run(
     from mmsoup.context import context, ingredient_paths
     from mmsoup.partition import live_components, partition
     from mmsoup.recipes import MMS_SCHEMES, recipe
-    from mmsoup.soups import lambda_spread, most_uneven_step
 
     soups = Path(run_dir) / "soups"
     if method is None and step is not None:

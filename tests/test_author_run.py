@@ -19,9 +19,10 @@ from author_port import AuthorPhase1, group_state_dict_keys_by_level
 from sklearn.datasets import load_digits
 from toy_mlp import mlp, train
 
-from mmsoup import soups
+from mmsoup import lambda_search
+from mmsoup.mixing import mix_from_weights, mixed_weights
 from mmsoup.partition import partition
-from mmsoup.soups import manifold_mixing_soup, mix_from_weights, mixed_weights
+from mmsoup.soups import manifold_mixing_soup
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "author_c8_run.json").read_text())
 INERT = ["text.positional_embedding", "text.text_projection", "text.logit_scale"]
@@ -127,7 +128,7 @@ def test_the_decision_rules_replay_the_released_c8_run(monkeypatch):
         acc = passes[search.candidate].pop(0)
         return "Cobyla", 1.0 - (1.0 - acc), np.full(search.m, 0.5, dtype=np.float32)
 
-    monkeypatch.setattr(soups, "_optimize_as_author", replay)
+    monkeypatch.setattr(lambda_search, "_optimize_as_author", replay)
     res = manifold_mixing_soup(
         pool,
         val_acc,
@@ -165,7 +166,7 @@ def test_the_decision_rules_replay_the_released_c8_run(monkeypatch):
     assert all(a == b for a, b in logged)
     assert round(res.val_acc, 6) == 0.839731
     # the rules alone, on the two numbers the run came closest to (half an image from τ)
-    v = soups._variant("author")
+    v = lambda_search._variant("author")
     assert not v.tries(_exact(0.834923), _exact(0.836615), 0.998)  # candidate 3: skipped
     assert v.tries(_exact(0.835385), _exact(0.837038), 0.998)  # candidate 7: optimised
     assert v.next_pass("pass2", 0.8370, 0.8365, 0.998) is None

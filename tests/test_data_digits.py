@@ -122,3 +122,68 @@ def test_jitter_is_seeded_and_keeps_the_background():
 def test_unknown_set_is_one_clear_error():
     with pytest.raises(MMSoupError, match="Unknown digits set 'mnist'"):
         digits.load("mnist")
+
+
+# -- a shift added later: its own random stream, the frozen sets unchanged ------------------------
+def _noisy(sets, rng):
+    """A stand-in shift: the ID test digits with salt noise drawn from the set's own stream."""
+    images, labels = sets["test"]
+    salt = rng.random(images.shape) < 0.05
+    return np.where(salt, np.uint8(255), images), labels
+
+
+@pytest.fixture
+def with_noisy(monkeypatch):
+    """`noisy` registered as an added shift through the seam (`digits.added_shift`), for one test."""
+    monkeypatch.setattr(digits, "ADDED", {})
+    monkeypatch.setattr(digits, "DESCRIPTIONS", dict(digits.DESCRIPTIONS))
+    digits.added_shift("noisy", "ID test digits with 5 % salt noise (a test's stand-in)")(_noisy)
+
+
+def _frozen_arrays(built):
+    return {n: digits._read(built[n]) for n in digits.FROZEN}
+
+
+def test_an_added_shift_changes_no_other_set(built, tmp_path, with_noisy, monkeypatch):
+    # the cached frozen sets are read, not rebuilt: the added set is built from its own stream
+    for name in digits.FROZEN:
+        shutil.copy(built[name], tmp_path / built[name].name)
+    monkeypatch.setattr(digits, "_build", lambda: pytest.fail("the frozen sets were rebuilt"))
+    paths = digits.build_all(tmp_path, progress=False)
+    expected = digits.expected_sha256()
+    assert list(paths) == [*digits.FROZEN, "noisy"]
+    for name in digits.FROZEN:
+        assert sha256_file(paths[name]) == expected[name], name
+    images, labels = digits.load("noisy", tmp_path)
+    test_images, test_labels = digits.load("test")
+    assert np.array_equal(labels, test_labels) and (images != test_images).mean() > 0.02
+    # deterministic: the same bytes as a direct draw from stream("noisy")
+    direct = _noisy(_frozen_arrays(built), digits.stream("noisy"))
+    assert paths["noisy"].read_bytes() == digits._npz_bytes(*direct)
+
+
+def test_a_full_build_with_an_added_shift_writes_the_same_bytes(
+    built, tmp_path, with_noisy, monkeypatch
+):
+    # a cold cache takes the full path (_build: the frozen sets, then the added ones)
+    monkeypatch.setattr(digits, "_build_frozen", lambda: _frozen_arrays(built))  # no 30 s build
+    (tmp_path / "a").mkdir()
+    for name in digits.FROZEN:
+        shutil.copy(built[name], tmp_path / "a" / built[name].name)
+    incremental = digits.build_all(tmp_path / "a", progress=False)
+    full = digits.build_all(tmp_path / "b", progress=False)
+    for name in (*digits.FROZEN, "noisy"):
+        assert sha256_file(full[name]) == sha256_file(incremental[name]), name
+
+
+def test_each_added_set_draws_from_its_own_stream():
+    a = digits.stream("noisy").random(8)
+    assert np.array_equal(a, digits.stream("noisy").random(8))  # seeded from (SEED, name)
+    assert not np.array_equal(a, digits.stream("blurred").random(8))
+    assert not np.array_equal(a, np.random.default_rng(digits.SEED).random(8))  # not the frozen one
+
+
+def test_an_added_shift_cannot_take_an_existing_name(with_noisy):
+    for name in ("clutter", "noisy"):
+        with pytest.raises(MMSoupError, match=f"{name!r} exists already"):
+            digits.added_shift(name, "again")

@@ -108,7 +108,7 @@ def test_two_gloo_ranks_equal_a_single_process(tmp_path):
 
 
 def test_entry_point_runs_alone_and_only_rank0_writes(tmp_path, capsys):
-    """`python -m mmsoup.distributed` without torchrun: one process, a soup file and a JSON summary."""
+    """`mmsoup distributed` without torchrun: one process, a soup file and a JSON summary."""
     import json
 
     import numpy as np
@@ -140,6 +140,52 @@ def test_entry_point_runs_alone_and_only_rank0_writes(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out.is_file() and summary["world"] == 1 and summary["n_evals"] == len(paths) + 2
     assert summary[str(tmp_path / "held.npz")] == summary["val_acc"]  # the same set, scored again
+
+
+def test_torchrun_entry_point_of_the_readme_gives_the_one_process_soup(tmp_path):
+    """`torchrun -m mmsoup distributed` (README): 2 gloo ranks, through the package's entry point
+    (mmsoup.distributed imported once per rank), write the soup one process writes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from mmsoup.checkpoints import load_state_dict, save_state_dict
+
+    pool, _, _, _ = _case()
+    for i, sd in enumerate(pool):
+        save_state_dict(sd, tmp_path / f"model_{i}.safetensors")
+    g = np.random.default_rng(0)
+    held = tmp_path / "held.npz"
+    np.savez(
+        held, images=g.integers(0, 256, (20, 28, 28), dtype=np.uint8), labels=g.integers(0, 10, 20)
+    )
+    args = ["--ingredients", str(tmp_path), "--recipe", "greedy", "--heldout", str(held)]
+    args += ["--batch-size", "8", "--backend", "gloo", "--device", "cpu"]
+    runs = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+        + ["--master_port", str(free_port()), "-m", "mmsoup", "distributed"],
+        "alone": [sys.executable, "-m", "mmsoup", "distributed"],
+    }
+    summaries = {}
+    for name, cmd in runs.items():
+        out = tmp_path / f"{name}.safetensors"
+        proc = subprocess.run(
+            [*cmd, *args, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        summaries[name] = json.loads(proc.stdout.strip().splitlines()[-1])  # rank 0's line only
+    assert summaries["torchrun"]["world"] == 2 and summaries["alone"]["world"] == 1
+    for key in ("val_acc", "n_evals", "ingredients"):
+        assert summaries["torchrun"][key] == summaries["alone"][key]
+    a, b = (load_state_dict(tmp_path / f"{n}.safetensors") for n in runs)
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_one_rank_of_two_times_out_naming_the_missing_rank(tmp_path, capsys, monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import torch
 import yaml
@@ -13,7 +12,8 @@ from torch import nn
 
 from mmsoup import cli
 from mmsoup.checkpoints import load_state_dict, save_state_dict
-from mmsoup.own import inspect_pool, mms_warning
+from mmsoup.own import inspect_pool
+from mmsoup.recipes import mms_warning
 
 
 def bn_net() -> nn.Module:
@@ -114,18 +114,13 @@ def test_mms_warns_before_the_search_when_one_image_outweighs_tau(tmp_path, caps
 
 
 def test_mms_warning_numbers():
-    def pool(n, tau):
-        return SimpleNamespace(
-            evaluator=SimpleNamespace(n=n), config=SimpleNamespace(mms={"tau": tau})
-        )
-
-    text = mms_warning(pool(400, 0.998), 0.905)
+    text = mms_warning(400, 0.998, 0.905)
     assert "one held-out image is 1/400 = 0.0025 of accuracy" in text
     assert "(1 - tau)·acc = 0.0018 at acc 0.9050" in text
     assert "use at least 553 held-out images or a lower tau (at most 0.997 for these 400)" in text
-    assert mms_warning(pool(1000, 0.99), 0.9) is None  # 0.001 <= 0.009: the test can pass
-    assert "tau = 1 allows no loss" in mms_warning(pool(10**6, 1.0), 0.9)
-    assert mms_warning(SimpleNamespace(evaluator=None), 0.9) is None  # a val_acc callable
+    assert mms_warning(1000, 0.99, 0.9) is None  # 0.001 <= 0.009: the test can pass
+    assert "tau = 1 allows no loss" in mms_warning(10**6, 1.0, 0.9)
+    assert mms_warning(None, 0.998, 0.9) is None  # a val_acc callable: no held-out size
 
 
 def test_inspect_angles_are_over_parameters_only_and_columns_are_explained(tmp_path, capsys):

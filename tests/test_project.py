@@ -104,6 +104,60 @@ def test_no_import_cycles():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+def _recipe_spellings() -> set[str]:
+    """Every name `recipe()` accepts, less the words that are also a kind of model ('ensemble',
+    'wise': a results table's `kind` column)."""
+    from mmsoup.recipes import KIND_ORDER, REGISTRY, slug
+
+    return {s for r in REGISTRY for s in (r.name, slug(r.name), *r.aliases)} - set(KIND_ORDER)
+
+
+def _is_trace_stage(node: ast.AST) -> bool:
+    """`row["stage"]`: a trace row's stage ('greedy', 'ingredient'), not a recipe."""
+    return (
+        isinstance(node, ast.Subscript)
+        and isinstance(node.slice, ast.Constant)
+        and node.slice.value == "stage"
+    )
+
+
+def _is_spelling(node: ast.AST, spellings: set[str]) -> bool:
+    return isinstance(node, ast.Constant) and node.value in spellings
+
+
+def test_only_the_registry_lists_recipes_or_branches_on_their_names():
+    """A recipe is added in mmsoup/recipes.py (one row) and its own module: no other module keeps
+    a list of recipe names at module level, or tests a variable against one to choose what to
+    build (`if recipe == "mms"`, `r in ("ensemble", ...)`)."""
+    spellings = _recipe_spellings()
+    found = []
+    for path in sorted((ROOT / "mmsoup").rglob("*.py")):
+        if path.name == "recipes.py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        where = path.relative_to(ROOT)
+        for node in tree.body:  # module-level recipe lists
+            value = getattr(node, "value", None)
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(
+                value, (ast.Tuple, ast.List, ast.Set)
+            ):
+                if sum(_is_spelling(e, spellings) for e in value.elts) >= 2:
+                    found.append(f"{where}:{node.lineno} lists recipes")
+        tests = [n.test for n in ast.walk(tree) if isinstance(n, (ast.If, ast.IfExp, ast.While))]
+        tests += [c for n in ast.walk(tree) if isinstance(n, ast.comprehension) for c in n.ifs]
+        for test in tests:
+            for cmp in [n for n in ast.walk(test) if isinstance(n, ast.Compare)]:
+                if isinstance(cmp.left, ast.Constant) or _is_trace_stage(cmp.left):
+                    continue  # "Greedy soup" in results: reading a result, not choosing a build
+                for right in cmp.comparators:
+                    elts = (
+                        right.elts if isinstance(right, (ast.Tuple, ast.List, ast.Set)) else [right]
+                    )
+                    if any(_is_spelling(e, spellings) for e in elts):
+                        found.append(f"{where}:{cmp.lineno} branches on a recipe name")
+    assert not found, "; ".join(found)
+
+
 # -- chapters that say what they show, laid out for a page ---------------------------------
 EXECUTED = sorted((ROOT / "notebooks" / "executed").glob("*.ipynb"))
 LONG_FLOAT = re.compile(r"(?<![\w.])-?\d+\.\d{5,}(?!\d)")  # 83.518931, np.float64(0.00188...)

@@ -32,6 +32,49 @@ def test_the_papers_rows_are_recipes_or_individual_models():
 
 def test_an_unknown_recipe_is_one_sentence_listing_them():
     with pytest.raises(
-        MMSoupError, match=r"Unknown recipe 'MMS-C9'; pick from Uniform soup, .*Greedy ensemble\.$"
+        MMSoupError,
+        match=r"Unknown recipe 'MMS-C9'; pick from Uniform soup \(uniform\), .*Greedy ensemble \(greedy_ensemble\)\.$",
     ):
         recipe("MMS-C9")
+
+
+def test_one_vocabulary_names_each_recipe_by_name_key_or_alias():
+    from mmsoup.recipes import REGISTRY, slug
+
+    for r in REGISTRY:
+        for spelling in (r.name, r.name.upper(), slug(r.name), r.key, *r.aliases):
+            assert recipe(spelling) is r, spelling
+    assert recipe("mms").scheme is None and recipe("mms_c8").scheme == "C8"  # the pool's / its own
+    assert len({r.key for r in REGISTRY}) == len(REGISTRY)  # one file name each in soup --config
+
+
+def test_soup_config_and_distributed_take_the_same_names(tmp_path):
+    import argparse
+
+    import yaml
+
+    from mmsoup import distributed_cli
+    from mmsoup.own import load_config
+
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    (tmp_path / "b.safetensors").write_bytes(b"")
+    config = {"model": "toy_mlp:mlp", "trust_code": True, "ingredients": ["*.safetensors"]}
+    config |= {"recipes": ["MMS-C8", "mms", "Greedy soup", "uniform", "UNIFORM"]}
+    (tmp_path / "soup.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(tmp_path / "soup.yaml")
+    assert cfg.recipes == ["mms_c8", "mms", "greedy", "uniform"]  # keys, each once
+    args = distributed_cli.build_parser().parse_args(
+        ["--ingredients", str(tmp_path), "--out", str(tmp_path / "s.safetensors")]
+    )
+    for name, needs in (
+        ("MMS-C8", None),
+        ("uniform", None),
+        ("Ensemble", "one process"),
+        ("wise", "--init"),
+    ):
+        try:
+            distributed_cli.check_args(argparse.Namespace(**{**vars(args), "recipe": name}))
+        except MMSoupError as e:
+            assert needs is not None and needs in str(e), (name, e)
+        else:
+            assert needs is None, name

@@ -11,7 +11,7 @@ from toy_mlp import COMPS
 from toy_mlp import mlp as _mlp
 from toy_mlp import train as _train
 
-from mmsoup import soups
+from mmsoup import lambda_search, soups, widgets
 from mmsoup.checkpoints import read_sidecar, save_state_dict
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import Evaluator, accuracy
@@ -126,7 +126,7 @@ def test_mms_records_lambda_star_per_step_and_replaying_the_steps_rebuilds_the_s
     """MMS Alg. 1 replayed: Ψ ← best; Ψ ← Ψ'(λ*) for each accepted candidate, bit for bit."""
     pool, ev = digits["pool"], digits["ev"]
     res = manifold_mixing_soup(pool, ev, COMPS, budget=60, progress=False)
-    steps = soups.mms_steps(res.info)
+    steps = widgets.mms_steps(res.info)
     assert [c for c, _ in steps] == res.ingredients[1:] and len(steps) >= 1
     plan = dict(COMPS) | {
         "_uncovered": [k for k in pool[0] if all(k not in v for v in COMPS.values())]
@@ -142,7 +142,7 @@ def test_mms_records_lambda_star_per_step_and_replaying_the_steps_rebuilds_the_s
         "decisions": [{k: v for k, v in d.items() if k != "lambdas"} for d in res.info["decisions"]]
     }
     with pytest.raises(MMSoupError, match="did not record λ\\* per step; rebuild it"):
-        soups.mms_steps(old)
+        widgets.mms_steps(old)
 
 
 def test_mms_fast_path_equals_plain_load_state_dict_path(digits):
@@ -283,7 +283,7 @@ def test_cobyla_finishing_early_neither_crashes_nor_spins(monkeypatch):
         opt.ask = lambda: asks.append(1) or ask()
         return opt
 
-    monkeypatch.setattr(soups, "optimizer_class", lambda name: counting)
+    monkeypatch.setattr(lambda_search, "optimizer_class", lambda name: counting)
     pool, val_acc, comps = _toy_pool(2)
     res = manifold_mixing_soup(
         pool, val_acc, comps, tau=0.0, budget=5000, optimizer="Cobyla", progress=False

@@ -109,8 +109,7 @@ def digits_mms(tmp_path_factory):
 def test_the_explorer_opens_on_the_step_whose_lambda_star_differs_most_between_components(
     digits_mms,
 ):
-    from mmsoup.soups import mms_steps, most_uneven_step
-    from mmsoup.widgets import explorer_inputs
+    from mmsoup.widgets import explorer_inputs, mms_steps, most_uneven_step
 
     d = digits_mms
     info = d["meta"]["info"]
@@ -133,8 +132,7 @@ def test_the_explorer_opens_on_the_step_whose_lambda_star_differs_most_between_c
 
 
 def test_another_step_can_still_be_chosen_and_a_wrong_one_is_one_clear_error(digits_mms):
-    from mmsoup.soups import mms_steps
-    from mmsoup.widgets import explorer_inputs
+    from mmsoup.widgets import explorer_inputs, mms_steps
 
     d = digits_mms
     steps = mms_steps(d["meta"]["info"])

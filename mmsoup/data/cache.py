@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,11 +26,15 @@ from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
+from mmsoup.data import imagenet
 from mmsoup.data.imagenet import FolderDataset
 from mmsoup.errors import MMSoupError
 from mmsoup.evaluate import Projection
 from mmsoup.io import cache_root
 from mmsoup.progress import tqdm
+
+if TYPE_CHECKING:
+    from mmsoup.profiles import Profile
 
 CLIP_MEAN, CLIP_STD = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 CACHE_FORMAT = 1  # bump when the file layout changes
@@ -198,3 +203,19 @@ def normalizer(
         return (x.float() / 255).sub_(m).div_(s)  # same op order as ToTensor + Normalize
 
     return preprocess
+
+
+def eval_set(name: str, profile: Profile) -> tuple[Tensor, Tensor, Callable, Projection | None]:
+    """(images, labels, preprocess, projection) of an ImageNet set as the stages evaluate it, cached.
+
+    The loader of mmsoup.datasets' `imagenet` row (here, not in mmsoup.data.imagenet, which this
+    module imports). `heldout` is Soups' ImageNet2p (held out of the fine-tuning data); ObjectNet is uncropped unless
+    the profile asks (`objectnet_border`: the published numbers are uncropped).
+    """
+    if name == "heldout":  # Soups' ImageNet2p: held out of the fine-tuning data
+        dataset = imagenet.load_dataset("ImageNet2p", per_class=profile.heldout_per_class)
+    else:  # ObjectNet uncropped unless the profile asks (the published numbers are uncropped)
+        dataset = imagenet.load_dataset(name, objectnet_border=profile.objectnet_border)
+    cached = build_cache(dataset)
+    images = torch.from_numpy(np.asarray(cached.images))
+    return images, torch.from_numpy(np.asarray(cached.labels)), normalizer(), cached.projection

@@ -21,6 +21,12 @@ centre of mass (MNIST's own format). Only data that installed packages ship is u
   0-9), so for 0, 6 and 8 the set holds the reference's least confident correct answers.
 
 The pretraining glyph bank: the 62 characters 0-9, A-Z, a-z typeset in the other 11 usable fonts (22 of matplotlib's 40 qualify).
+
+Random streams. The sets above (`FROZEN`) draw, in `_build_frozen`'s order, from one sequential
+stream `default_rng(SEED)`: that order is frozen, data_manifest.csv's digests (and so the released
+backbone and every result) pin it. A set added from now on draws only from its own stream,
+`stream(name)`, seeded from (SEED, its name): define its builder with `@added_shift` below, so a
+new shift never changes another set's bytes (and building it does not rebuild the others).
 """
 
 from __future__ import annotations
@@ -28,7 +34,11 @@ from __future__ import annotations
 import glob
 import io
 import os
+import zlib
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,9 +47,13 @@ import torch.nn.functional as F
 from mmsoup.errors import MMSoupError
 from mmsoup.io import atomic_path, cache_root, sha256_file
 
+if TYPE_CHECKING:
+    from mmsoup.profiles import Profile
+
 SPLITS = ("train", "heldout", "test")
-SHIFTS = ("recollection", "renditions", "sketch", "clutter", "adversarial")
 PRETRAIN = "pretrain_glyphs"
+FROZEN_SHIFTS = ("recollection", "renditions", "sketch", "clutter", "adversarial")
+FROZEN = (*SPLITS, *FROZEN_SHIFTS, PRETRAIN)  # drawn from one stream in _build_frozen's order
 SPLIT_SIZES = {"train": 3000, "heldout": 1000, "test": 1000}
 HELDOUT_IMAGES = SPLIT_SIZES["heldout"]  # the embedded study's held-out size (0.1 points per image)
 MIN_TRAIN = 1000  # `load_split` leaves at least this many training images
@@ -252,8 +266,8 @@ def _adversarial(
     return np.sort(np.concatenate(keep))
 
 
-def _build() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every set of the benchmark, built deterministically from the packages' data."""
+def _build_frozen() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The `FROZEN` sets, from one sequential stream: do not reorder, add or remove a draw here."""
     rng = np.random.default_rng(SEED)
     x, y = _mnist()
     idx = _stratified(y, SPLIT_SIZES, rng)
@@ -269,6 +283,59 @@ def _build() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     sets["clutter"] = (_clutter(sets["test"][0], rng), sets["test"][1])
     sets["adversarial"] = (pool_x[hard], pool_y[hard])
     sets[PRETRAIN] = _typeset(pretrain_fonts, CHARS, 1, None)
+    return sets
+
+
+# -- sets added after the frozen ones: each from its own stream ------------------------------------
+Sets = Mapping[str, tuple[np.ndarray, np.ndarray]]
+ADDED: dict[str, Callable[[Sets, np.random.Generator], tuple[np.ndarray, np.ndarray]]] = {}
+
+
+def stream(name: str) -> np.random.Generator:
+    """The random stream of an added set: seeded from (SEED, name), shared with no other set."""
+    return np.random.default_rng([SEED, zlib.crc32(name.encode())])
+
+
+def added_shift(name: str, description: str):
+    """Register `build(sets, rng) -> (images, labels)` as shift `name` (a decorator).
+
+    `sets` holds the frozen sets (and those added before `name`), read-only; `rng` is
+    `stream(name)`. Its place in the study: after the frozen five in `SHIFTS`, in definition order
+    (name it in mmsoup.datasets' digits row too, and give it a data_manifest.csv row).
+    """
+    if name in FROZEN or name in ADDED:
+        raise MMSoupError(f"The digits set {name!r} exists already; pick another name.")
+
+    def register(build):
+        ADDED[name] = build
+        DESCRIPTIONS[name] = description
+        return build
+
+    return register
+
+
+# (added shifts' builders go here, above SHIFTS)
+
+
+def _build_added(sets: dict[str, tuple[np.ndarray, np.ndarray]], names: Collection[str]) -> None:
+    """Add the added sets `names` to `sets`, each from its own stream (in registration order)."""
+    for name in ADDED:
+        if name in names:
+            sets[name] = ADDED[name](MappingProxyType(sets), stream(name))
+
+
+SHIFTS = (*FROZEN_SHIFTS, *ADDED)  # the shifts the study reports, in order
+
+
+def set_names() -> tuple[str, ...]:
+    """Every set `build_all` writes: the frozen ones, then the added ones."""
+    return (*FROZEN, *ADDED)
+
+
+def _build() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every set of the benchmark, built deterministically from the packages' data."""
+    sets = _build_frozen()
+    _build_added(sets, ADDED)
     return sets
 
 
@@ -303,7 +370,7 @@ def build_all(
     """Build every set (if missing or corrupt), write it atomically, verify it by sha256."""
     folder = cache_folder(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    names = (*SPLITS, *SHIFTS, PRETRAIN)
+    names = set_names()
     expected = expected_sha256() if verify else {}
     paths = {n: folder / f"{n}.npz" for n in names}
     stale = [
@@ -314,7 +381,11 @@ def build_all(
     if stale:
         if progress:
             print(f"mmsoup: building the digits benchmark in {folder} ...", flush=True)
-        sets = _build()
+        if any(n in FROZEN for n in stale):
+            sets = _build()
+        else:  # only added sets: built from the cached frozen ones, which stay as they are
+            sets = {n: _read(paths[n]) for n in FROZEN}
+            _build_added(sets, stale)
         for n in stale:
             with atomic_path(paths[n]) as tmp:
                 tmp.write_bytes(_npz_bytes(*sets[n]))
@@ -330,12 +401,15 @@ def build_all(
 
 def load(name: str, cache_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images (N, 28, 28), int64 labels (N,)) of one set; built and verified if needed."""
-    if name not in (*SPLITS, *SHIFTS, PRETRAIN):
+    if name not in set_names():
         raise MMSoupError(
-            f"Unknown digits set {name!r}; pick one of {', '.join((*SPLITS, *SHIFTS))}."
+            f"Unknown digits set {name!r}; pick one of {', '.join(n for n in set_names() if n != PRETRAIN)}."
         )
-    paths = build_all(cache_dir, progress=True)
-    with np.load(paths[name]) as f:
+    return _read(build_all(cache_dir, progress=True)[name])
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as f:
         return f["images"], f["labels"]
 
 
@@ -375,6 +449,16 @@ def load_split(
 def pretraining_glyphs(cache_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The glyph bank for pretraining: (uint8 (F*62, 28, 28), labels 0..61)."""
     return load(PRETRAIN, cache_dir)
+
+
+def eval_set(name: str, profile: Profile) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    """(images, labels, preprocess, projection) of a set as the stages evaluate it (mmsoup.datasets).
+
+    The profile's `heldout_images` sizes `heldout` (and `train`) as `load_split` says; the images
+    are normalised here (`to_tensor`), so there is no preprocess and no projection.
+    """
+    images, labels = load_split(name, profile.heldout_images)
+    return to_tensor(images), torch.as_tensor(labels), None, None
 
 
 def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:

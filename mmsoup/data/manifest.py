@@ -157,10 +157,11 @@ def verify(
     manifest = read_manifest() if manifest is None else manifest
     n_models = None
     if profile not in set(manifest["profile"]):
+        from mmsoup.datasets import dataset
         from mmsoup.profiles import get_profile
 
         prof = get_profile(profile)  # an unknown name: one sentence listing the profiles
-        profile = "paper" if prof.dataset == "imagenet" else "embedded"
+        profile = dataset(prof.dataset).manifest_profile
         n_models = prof.n_runs + 1 if prof.search == "released" else None
     rows = manifest[manifest["profile"] == profile]
     if n_models is not None:
