@@ -380,6 +380,8 @@ REGISTRY: tuple[Recipe, ...] = (  # the study builds its rows in this order
     Recipe("MMS-C26+live", "soup", _mms, ("p", PALETTE["light brown"], 45, 4), scheme="C26+live", needs=_MMS),
     # the pool's partition: the study's is STUDY_SCHEME
     Recipe("Learned soup", "soup", _learned, ("h", PALETTE["green"], 90, 5), needs=frozenset({"components", "evaluator"}), aliases=("learned",)),
+    # no held-out search: the ratio to the anchor from the angle between updates (Jang et al. 2024)
+    Recipe("Model Stock", "soup", builder("mmsoup.model_stock:build"), ("d", PALETTE["teal"], 80, 5), needs=frozenset({"anchor"})),
     Recipe("WiSE-FT", "wise", _wise, ("<", PALETTE["olive"], 75, 5), needs=frozenset({"anchor"}), aliases=("wise",), record=_wise_record),
     Recipe("Ensemble", "ensemble", functools.partial(_ensemble, greedy=False), ("^", PALETTE["cyan"], 75, 5), needs=frozenset({"evaluator"}), aliases=("ensemble",)),
     Recipe("Greedy ensemble", "ensemble", functools.partial(_ensemble, greedy=True), ("v", PALETTE["navy"], 75, 5), needs=frozenset({"evaluator"}), aliases=("greedy_ensemble",)),
