@@ -755,7 +755,12 @@ def _(tmp):
     return _own_config(tmp, partition="blocks:0")
 
 
-@case("own config: empty recipes", "recipes=[] is not valid", "a non-empty list of recipes", "Model Stock (model_stock)")
+@case(
+    "own config: empty recipes",
+    "recipes=[] is not valid",
+    "a non-empty list of recipes",
+    "Model Stock (model_stock)",
+)
 def _(tmp):
     return _own_config(tmp, recipes=[])
 
