@@ -21,6 +21,7 @@ from mmsoup import isa, pipeline, replicates
 from mmsoup.cli import main
 from mmsoup.determinism import machine_info, pinned
 from mmsoup.errors import MMSoupError
+from mmsoup.recipes import RECIPES
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,8 @@ def test_replicates_csv_has_every_method_of_every_replicate(study):
     root, figures = study
     rows = pd.read_csv(figures / "replicates.csv")
     assert sorted(rows["replicate"].unique()) == [0, 1]
-    for method in ("Best individual", "Uniform soup", "Greedy soup", "MMS-C8", "WiSE-FT"):
+    # every study recipe of the registry (Model Stock included, with no edit outside its row)
+    for method in ("Best individual", *(r.name for r in RECIPES)):
         assert (rows["method"] == method).sum() == 2, method
     best = rows[rows["method"] == "Best individual"].set_index("replicate")
     assert (best[["delta_id", "delta_ood"]] == 0).all().all()
